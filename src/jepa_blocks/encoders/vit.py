@@ -1,0 +1,342 @@
+"""Vision Transformer encoder that processes only the tokens it is asked to keep.
+
+The JEPA context encoder sees a subset of the patches. Dropping the other tokens (rather
+than zeroing them) is what makes a context of 25% cost about a quarter of the full
+image. Per-sample subsets of different sizes arrive as ``MaskIndices`` padded to the
+batch maximum; padded tokens are hidden from attention, so each sample's output equals
+running it alone on exactly its kept tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+from timm.layers import PatchEmbed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from jepa_blocks._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_grid,
+    check_int,
+    check_tensor,
+)
+from jepa_blocks.encoders.attention import (
+    TransformerBlock,
+    attention_mask_from_valid,
+    init_transformer_weights,
+    rescale_residual_branches,
+)
+from jepa_blocks.grid import token_positions
+from jepa_blocks.masking.indices import MaskIndices, gather_tokens
+from jepa_blocks.positional.rope2d import RoPE2D
+from jepa_blocks.positional.sincos import sincos_2d
+
+__all__ = ["EncoderOutput", "ViTEncoder"]
+
+
+class EncoderOutput(NamedTuple):
+    """What ``ViTEncoder`` returns.
+
+    Attributes:
+        tokens: Final tokens after the last norm, shape ``(B, K, D)``; ``K`` is the number
+            of kept tokens (``H * W`` without ``keep``).
+        layers: Outputs of the blocks listed in ``out_layers`` (before the final norm),
+            each of shape ``(B, K, D)``, in the order requested.
+        valid: Bool tensor ``(B, K)``, ``True`` for real tokens, or ``None`` when every
+            token is real.
+        grid_size: The patch grid ``(H, W)`` of the input.
+    """
+
+    tokens: torch.Tensor
+    layers: list[torch.Tensor]
+    valid: torch.Tensor | None
+    grid_size: tuple[int, int]
+
+
+class ViTEncoder(nn.Module):
+    """ViT encoder with token dropping, 2D sin-cos or RoPE2D positions, and no CLS token.
+
+    Args:
+        img_size: Default image size (an int or ``(H, W)``); other sizes divisible by
+            ``patch_size`` work too.
+        patch_size: Patch side in pixels.
+        in_chans: Image channels.
+        embed_dim: Token width ``D``.
+        depth: Number of transformer blocks.
+        num_heads: Attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of ``D``.
+        qkv_bias: Bias in the qkv projections.
+        drop_path_rate: Stochastic depth, increasing linearly to this rate at the last block.
+        layer_scale_init: LayerScale initial value (e.g. ``1e-5``), ``None`` for none.
+        pos_embed: ``"sincos"`` adds fixed 2D sin-cos embeddings before dropping tokens;
+            ``"rope"`` rotates q and k by each kept token's true ``(row, col)``.
+        rope_theta: RoPE frequency base.
+        fused_attn: Use ``scaled_dot_product_attention``.
+        grad_checkpointing: Recompute each block in the backward pass (saves memory).
+        out_layers: Indices of blocks whose outputs are returned in ``EncoderOutput.layers``
+            (negative indices count from the end).
+
+    Shapes:
+        images ``(B, C, H * p, W * p)`` -> ``EncoderOutput.tokens`` ``(B, K, D)``.
+
+    Example:
+        >>> enc = ViTEncoder(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+        >>> keep = torch.tensor([[0, 1, 2, 9], [5, 6, 7, 8]])
+        >>> enc(torch.randn(2, 3, 32, 32), keep=keep).tokens.shape
+        torch.Size([2, 4, 64])
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        pos_embed: Literal["sincos", "rope"] = "sincos",
+        rope_theta: float = 100.0,
+        fused_attn: bool = True,
+        grad_checkpointing: bool = False,
+        out_layers: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        img_h, img_w = check_grid("img_size", img_size)
+        self.patch_size = check_int("patch_size", patch_size, min_value=1)
+        if img_h % patch_size or img_w % patch_size:
+            raise ValueError(f"img_size {(img_h, img_w)} must be divisible by patch_size {patch_size}")
+        self.embed_dim = check_int("embed_dim", embed_dim, min_value=1)
+        self.depth = check_int("depth", depth, min_value=1)
+        self.num_heads = check_int("num_heads", num_heads, min_value=1)
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads must divide embed_dim, got embed_dim={embed_dim}, num_heads={num_heads}")
+        self.pos_embed = check_choice("pos_embed", pos_embed, ("sincos", "rope"))
+        if pos_embed == "sincos" and embed_dim % 4:
+            raise ValueError(f"embed_dim must be divisible by 4 for sincos positions, got {embed_dim}")
+        head_dim = embed_dim // num_heads
+        if pos_embed == "rope" and head_dim % 4:
+            raise ValueError(f"embed_dim / num_heads must be divisible by 4 for rope, got head dim {head_dim}")
+        drop_path_rate = check_float("drop_path_rate", drop_path_rate, min_value=0.0, max_value=1.0, max_inclusive=False)
+        self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
+        self.out_layers = self._check_layers("out_layers", out_layers)
+        self.default_grid = (img_h // patch_size, img_w // patch_size)
+
+        self.patch_embed = PatchEmbed(
+            img_size=(img_h, img_w),
+            patch_size=patch_size,
+            in_chans=check_int("in_chans", in_chans, min_value=1),
+            embed_dim=embed_dim,
+            strict_img_size=False,
+        )
+        self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta) if pos_embed == "rope" else None
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=rate,
+                layer_scale_init=layer_scale_init,
+                fused_attn=fused_attn,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(init_transformer_weights)
+        rescale_residual_branches(self.blocks)
+
+    def _check_layers(self, name: str, layers: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise TypeError(f"{name} must be a sequence of ints, got {layers!r}")
+        out = []
+        for i, layer in enumerate(layers):
+            layer = check_int(f"{name}[{i}]", layer, min_value=-self.depth, max_value=self.depth - 1)
+            out.append(layer % self.depth)
+        return tuple(out)
+
+    def grid_size_for(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid ``(H, W)`` of an image batch ``(B, C, H * p, W * p)``."""
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"images height and width must be divisible by patch_size {self.patch_size}, "
+                f"got {(h, w)}"
+            )
+        return h // self.patch_size, w // self.patch_size
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: MaskIndices | torch.Tensor | None = None,
+        out_layers: Sequence[int] | None = None,
+    ) -> EncoderOutput:
+        """Encode the kept patches of an image batch.
+
+        Args:
+            images: Float tensor ``(B, C, H * p, W * p)``.
+            keep: Token ids to keep on the ``(H, W)`` patch grid: ``MaskIndices`` of shape
+                ``(B, K)`` (padded lists), a long tensor ``(B, K)`` (all real), or ``None``
+                for every token.
+            out_layers: Overrides the constructor's ``out_layers`` for this call.
+
+        Returns:
+            ``EncoderOutput`` with tokens ``(B, K, D)``.
+        """
+        check_tensor("images", images, ndim=4, kind="float")
+        if images.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f"images must have {self.patch_embed.proj.in_channels} channels, got shape "
+                f"{tuple(images.shape)}"
+            )
+        grid = self.grid_size_for(images)
+        tokens = self.patch_embed(images)  # (B, H * W, D), row-major
+        return self.forward_tokens(tokens, grid_size=grid, keep=keep, out_layers=out_layers)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        *,
+        grid_size: int | tuple[int, int],
+        keep: MaskIndices | torch.Tensor | None = None,
+        out_layers: Sequence[int] | None = None,
+    ) -> EncoderOutput:
+        """Encode already-embedded patch tokens (any patchifier: conv, tubelets, ...).
+
+        Args:
+            tokens: Patch tokens ``(B, H * W, D)`` in row-major grid order, without
+                position embeddings.
+            grid_size: The patch grid ``(H, W)``.
+            keep: As in ``forward``.
+            out_layers: As in ``forward``.
+
+        Returns:
+            ``EncoderOutput`` with tokens ``(B, K, D)``.
+        """
+        check_tensor("tokens", tokens, ndim=3, kind="float")
+        h, w = check_grid("grid_size", grid_size)
+        b, n, d = tokens.shape
+        if n != h * w or d != self.embed_dim:
+            raise ValueError(
+                f"tokens must have shape (B, {h * w}, {self.embed_dim}) for grid {(h, w)}, "
+                f"got {tuple(tokens.shape)}"
+            )
+        layers = self.out_layers if out_layers is None else self._check_layers("out_layers", out_layers)
+
+        valid = None
+        if keep is None:
+            ids = torch.arange(n, device=tokens.device).expand(b, n)
+        else:
+            if isinstance(keep, MaskIndices):
+                ids, valid = keep.indices, keep.valid
+            else:
+                ids = check_tensor("keep", keep, ndim=2, kind="int")
+            if ids.ndim != 2 or ids.shape[0] != b:
+                raise ValueError(f"keep must have shape ({b}, K), got {tuple(ids.shape)}")
+        positions = token_positions(ids, (h, w)).to(tokens.device)  # (B, K, 2)
+
+        if self.rope is None:
+            pos = sincos_2d(token_positions(torch.arange(n, device=tokens.device), (h, w)), d)
+            tokens = tokens + pos.to(tokens.dtype)
+            rope = None
+        else:
+            rope = self.rope.cos_sin(positions)
+        x = tokens if keep is None else gather_tokens(tokens, ids)
+        attn_mask = attention_mask_from_valid(valid)
+
+        collected: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope=rope, attn_mask=attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope=rope, attn_mask=attn_mask)
+            if i in layers:
+                collected[i] = x
+        out = [collected[i] for i in layers]
+        if valid is not None and bool(valid.all()):
+            valid = None
+        return EncoderOutput(self.norm(x), out, valid, (h, w))
+
+    @classmethod
+    def from_timm(
+        cls,
+        name: str,
+        *,
+        img_size: int | tuple[int, int],
+        patch_size: int,
+        pretrained: bool = False,
+        **kwargs,
+    ) -> ViTEncoder:
+        """Build an encoder with the architecture (and weights) of a timm ViT.
+
+        The timm model is created with ``timm.create_model(name, pretrained=pretrained,
+        img_size=img_size, patch_size=patch_size)``; its width, depth, heads, MLP ratio,
+        qkv bias and LayerScale are copied, and so are the weights of the patch
+        embedding, the blocks and the final norm when ``pretrained=True`` (otherwise the
+        encoder keeps its own I-JEPA initialisation). timm's learned position table and CLS
+        token are not used (positions here are fixed sin-cos or RoPE). ``pretrained=True``
+        downloads weights and needs network access; the default never downloads.
+
+        Args:
+            name: A timm ViT name, e.g. ``"vit_tiny_patch16_224"``.
+            img_size: Image size for this encoder.
+            patch_size: Patch size for this encoder (overrides the name's).
+            pretrained: Load timm's pretrained weights (download).
+            **kwargs: Other ``ViTEncoder`` arguments (``pos_embed``, ``drop_path_rate``,
+                ``grad_checkpointing``, ``out_layers``, ...).
+
+        Example:
+            >>> enc = ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4)
+            >>> enc.embed_dim, enc.depth
+            (192, 12)
+        """
+        import timm
+
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a timm model name string, got {name!r}")
+        check_bool("pretrained", pretrained)
+        try:
+            model = timm.create_model(
+                name, pretrained=pretrained, img_size=img_size, patch_size=patch_size, num_classes=0
+            )
+        except RuntimeError as err:  # unknown model name
+            raise ValueError(f"name {name!r} is not a timm model: {err}") from err
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not hasattr(model, "patch_embed") or not hasattr(blocks[0], "attn"):
+            raise ValueError(f"name {name!r} is not a plain timm Vision Transformer")
+        first = blocks[0]
+        embed_dim = model.embed_dim
+        ls = getattr(first, "ls1", None)
+        config = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=model.patch_embed.proj.in_channels,
+            embed_dim=embed_dim,
+            depth=len(blocks),
+            num_heads=first.attn.num_heads,
+            mlp_ratio=first.mlp.fc1.out_features / embed_dim,
+            qkv_bias=first.attn.qkv.bias is not None,
+            layer_scale_init=float(ls.gamma.flatten()[0]) if hasattr(ls, "gamma") else None,
+        )
+        config.update(kwargs)
+        encoder = cls(**config)
+        source = model.state_dict()
+        own = encoder.state_dict()
+        loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in loaded]
+        if missing:
+            raise ValueError(f"timm model {name!r} lacks weights for {missing[:5]} (architecture differs)")
+        if pretrained:  # otherwise keep our I-JEPA initialisation
+            encoder.load_state_dict(loaded)
+        return encoder

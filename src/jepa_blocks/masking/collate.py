@@ -1,0 +1,109 @@
+"""DataLoader collate function that samples multi-block masks beside each batch.
+
+Randomness. Every call builds its own ``torch.Generator`` from a 64-bit seed mixed
+(SplitMix64) from three parts:
+
+* the stream: in a DataLoader worker, ``torch.utils.data.get_worker_info().seed``
+  (``base_seed + worker_id``; the DataLoader draws a new ``base_seed`` every epoch from
+  its ``generator`` or the global RNG); in the main process (``num_workers=0``), ``seed``,
+  or ``torch.initial_seed()`` read when the collator is built;
+* ``seed`` (``0`` when ``None``), so two collators with different seeds differ;
+* a call counter of that stream (reset when the worker seed changes).
+
+So masks differ across workers and epochs, never touch the global RNG, and are
+reproducible: same DataLoader seed (or same ``seed`` with ``num_workers=0``), same masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate, get_worker_info
+
+from jepa_blocks._checks import check_int
+from jepa_blocks.masking.multiblock import MultiBlockMasker, MultiBlockMasks
+
+__all__ = ["MaskCollator"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One SplitMix64 step: a bijective, well-mixed map of 64-bit ints."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (p & _MASK64))
+    return h
+
+
+class MaskCollator:
+    """``collate_fn`` returning ``(collated_batch, masks)`` for a DataLoader.
+
+    Args:
+        masker: The ``MultiBlockMasker`` that samples one mask set per batch.
+        collate_fn: Collates the list of samples (``default_collate`` by default).
+        seed: Extra seed mixed into every generator; with ``num_workers=0`` it (or
+            ``torch.initial_seed()`` when ``None``) sets the whole stream.
+
+    Returns (per call):
+        ``(collate_fn(samples), masks)`` with ``masks`` a ``MultiBlockMasks`` for
+        ``B = len(samples)``: context ``(B, Kc)``, targets ``(B, M_l, K_l)`` per level.
+
+    Example:
+        >>> collator = MaskCollator(MultiBlockMasker(grid_size=4, min_context_tokens=1), seed=0)
+        >>> x, masks = collator([torch.zeros(3), torch.ones(3)])
+        >>> x.shape, masks.context.shape[0]
+        (torch.Size([2, 3]), 2)
+    """
+
+    def __init__(
+        self,
+        masker: MultiBlockMasker,
+        *,
+        collate_fn: Callable[[list[Any]], Any] = default_collate,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(masker, MultiBlockMasker):
+            raise TypeError(f"masker must be a MultiBlockMasker, got {type(masker).__name__}")
+        if not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
+        if seed is not None:
+            seed = check_int("seed", seed)
+        self.masker = masker
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self._main_seed = seed if seed is not None else torch.initial_seed()
+        self._main_calls = 0
+        self._worker_seed: int | None = None
+        self._worker_calls = 0
+
+    def _next_generator(self) -> torch.Generator:
+        extra = self.seed if self.seed is not None else 0
+        info = get_worker_info()
+        if info is None:
+            stream, count = self._main_seed, self._main_calls
+            self._main_calls += 1
+        else:
+            if info.seed != self._worker_seed:  # new worker or new epoch
+                self._worker_seed, self._worker_calls = info.seed, 0
+            stream, count = info.seed, self._worker_calls
+            self._worker_calls += 1
+        return torch.Generator().manual_seed(_mix(stream, extra, count))
+
+    def __call__(self, samples: Sequence[Any]) -> tuple[Any, MultiBlockMasks]:
+        """Collate ``samples`` and sample masks for ``len(samples)`` of them."""
+        batch = self.collate_fn(samples)
+        masks = self.masker(len(samples), generator=self._next_generator())
+        return batch, masks
+
+    def __repr__(self) -> str:
+        return f"MaskCollator({self.masker!r}, collate_fn={self.collate_fn!r}, seed={self.seed})"

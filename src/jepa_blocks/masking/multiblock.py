@@ -1,0 +1,693 @@
+"""I-JEPA multi-block masking, vectorised over the batch, with an optional hierarchy.
+
+Each sample gets ``M`` rectangular *target* blocks (they may overlap each other) and one
+rectangular *context* block; the context is the context block minus the level-0 footprint
+of every target block of every level, so context and targets are disjoint by construction.
+
+Block size rule (one rule for targets and context). On a ``gh x gw`` grid, for a scale ``s``
+and an aspect ratio ``a`` (height / width), each drawn independently and uniformly from
+its range, once per block and per sample::
+
+    keep = gh * gw * s                                 (a real number, not floored)
+    h    = clamp(floor(sqrt(keep * a) + 0.5), 1, gh)    (round half up)
+    w    = clamp(floor(sqrt(keep / a) + 0.5), 1, gw)
+
+computed in float64. ``h`` and ``w`` may reach ``gh`` and ``gw`` (the context block at
+scale 1.0 is the whole grid). The block's top-left corner is uniform over every valid
+placement: ``top`` in ``{0, ..., gh - h}`` and ``left`` in ``{0, ..., gw - w}``, both
+inclusive, so every patch, corners and last row/column included, can be covered.
+
+Differences from the official I-JEPA collator (facebookresearch/ijepa), on purpose:
+    * scale and aspect are independent draws (I-JEPA uses one draw for both);
+    * each sample and each block gets its own size (I-JEPA: one size per batch);
+    * ``keep`` is not floored and blocks are not shrunk below the grid size;
+    * placements include the last row and column (I-JEPA PR 40: exclusive upper bound);
+    * index lists are padded with a validity mask instead of cut to the batch minimum
+      (I-JEPA issue 60), and the optional cut drops random tokens, not the bottom-right;
+    * impossible specs raise at construction and rejection is bounded (issue 68 hangs).
+
+Hierarchy. Level ``l`` lives on the grid ``level_grid_size(grid, l)`` (``2**l`` pooling,
+ceil mode). Its target blocks are sampled on that grid with the same rule, so a scale
+means the same image fraction at every level, up to quantisation: on a coarse grid the
+rounding and the clamp to ``>= 1`` cell decide (a 2x2 grid at scale 0.15 gives 1x1 blocks,
+i.e. 25% of the image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from jepa_blocks._checks import check_bool, check_grid, check_int, check_pair
+from jepa_blocks.grid import level_footprint, level_grid_size
+from jepa_blocks.masking.indices import MaskIndices, mask_to_indices
+
+__all__ = [
+    "TargetSpec",
+    "MultiBlockMasks",
+    "MultiBlockMasker",
+    "block_shape",
+    "sample_multiblock_masks",
+]
+
+# Coarsest level's scale bounds may be at most this multiple of level 0's.
+_MAX_LEVEL_SCALE_GROWTH = 1.33
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Target blocks of one hierarchy level.
+
+    Attributes:
+        num_blocks: Number ``M`` of target blocks per sample.
+        scale: ``(low, high)`` fraction of the level grid covered by one block, in ``(0, 1]``.
+        aspect_ratio: ``(low, high)`` block height / width, ``> 0``.
+
+    Example:
+        >>> TargetSpec(num_blocks=2, scale=(0.15, 0.2))
+        TargetSpec(num_blocks=2, scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5))
+    """
+
+    num_blocks: int = 4
+    scale: tuple[float, float] = (0.15, 0.2)
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)
+
+    def __post_init__(self) -> None:
+        check_int("num_blocks", self.num_blocks, min_value=1)
+        scale = check_pair("scale", self.scale, min_value=0.0, min_inclusive=False, max_value=1.0)
+        aspect = check_pair("aspect_ratio", self.aspect_ratio, min_value=0.0, min_inclusive=False)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "aspect_ratio", aspect)
+
+
+@dataclass(frozen=True)
+class MultiBlockMasks:
+    """One batch of multi-block masks.
+
+    Attributes:
+        context: ``MaskIndices`` of shape ``(B, Kc)``: context token ids on the level-0 grid.
+        targets: One ``MaskIndices`` per level ``l``, of shape ``(B, M_l, K_l)``: the ids of
+            each target block on the level-``l`` grid ``level_grids[l]``.
+        grid_size: The level-0 grid ``(H, W)``.
+        level_grids: ``(h_l, w_l)`` per level.
+        context_box: Long tensor of shape ``(B, 4)``: the sampled context block as
+            ``(top, left, height, width)`` on the level-0 grid (before removing targets).
+        target_boxes: One long tensor of shape ``(B, M_l, 4)`` per level: each target block
+            as ``(top, left, height, width)`` on its level grid.
+
+    Example:
+        >>> masks = MultiBlockMasker(grid_size=8)(2, generator=torch.Generator().manual_seed(0))
+        >>> masks.context.shape[0], masks.targets[0].shape[:2]
+        (2, torch.Size([2, 4]))
+    """
+
+    context: MaskIndices
+    targets: tuple[MaskIndices, ...]
+    grid_size: tuple[int, int]
+    level_grids: tuple[tuple[int, int], ...]
+    context_box: torch.Tensor
+    target_boxes: tuple[torch.Tensor, ...]
+
+    @property
+    def num_levels(self) -> int:
+        """Number of hierarchy levels ``L``."""
+        return len(self.targets)
+
+    def target_union(self, level: int = 0) -> MaskIndices:
+        """Union of the target blocks of ``level``, per sample.
+
+        Returns:
+            ``MaskIndices`` of shape ``(B, K)`` with ids on the level-``level`` grid.
+        """
+        level = check_int("level", level, min_value=0, max_value=self.num_levels - 1)
+        gh, gw = self.level_grids[level]
+        dense = self.targets[level].to_bool_mask(gh * gw).any(dim=1)  # (B, gh * gw)
+        return mask_to_indices(dense)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiBlockMasks:
+        """Move every tensor to ``device``."""
+        return MultiBlockMasks(
+            context=self.context.to(device, non_blocking=non_blocking),
+            targets=tuple(t.to(device, non_blocking=non_blocking) for t in self.targets),
+            grid_size=self.grid_size,
+            level_grids=self.level_grids,
+            context_box=self.context_box.to(device, non_blocking=non_blocking),
+            target_boxes=tuple(b.to(device, non_blocking=non_blocking) for b in self.target_boxes),
+        )
+
+    def pin_memory(self) -> MultiBlockMasks:
+        """Pin every tensor (called by ``DataLoader(pin_memory=True)``)."""
+        return MultiBlockMasks(
+            context=self.context.pin_memory(),
+            targets=tuple(t.pin_memory() for t in self.targets),
+            grid_size=self.grid_size,
+            level_grids=self.level_grids,
+            context_box=self.context_box.pin_memory(),
+            target_boxes=tuple(b.pin_memory() for b in self.target_boxes),
+        )
+
+
+# ----------------------------------------------------------------------------- size rule
+
+
+def block_shape(
+    scale: torch.Tensor, aspect_ratio: torch.Tensor, grid_size: int | tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block height and width from scale and aspect ratio (the rule in the module docstring).
+
+    Args:
+        scale: Float tensor of shape ``(...)``: fraction of the grid, in ``(0, 1]``.
+        aspect_ratio: Float tensor of shape ``(...)``: height / width, ``> 0``.
+        grid_size: The grid ``(gh, gw)`` the block lives on.
+
+    Returns:
+        ``(h, w)``: long tensors of shape ``(...)``, ``1 <= h <= gh``, ``1 <= w <= gw``.
+    """
+    gh, gw = check_grid("grid_size", grid_size)
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    a = torch.as_tensor(aspect_ratio, dtype=torch.float64, device=s.device)
+    return _block_shape(s, a, float(gh * gw), gh, gw)
+
+
+def _block_shape(
+    s: torch.Tensor,
+    a: torch.Tensor,
+    n_tokens: float | torch.Tensor,
+    gh: int | torch.Tensor,
+    gw: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = n_tokens * s
+    h = torch.floor(torch.sqrt(keep * a) + 0.5).long()
+    w = torch.floor(torch.sqrt(keep / a) + 0.5).long()
+    if isinstance(gh, int):
+        return h.clamp(1, gh), w.clamp(1, gw)
+    one = torch.ones_like(h)
+    return torch.minimum(torch.maximum(h, one), gh), torch.minimum(torch.maximum(w, one), gw)
+
+
+def _shape_scalar(keep: float, a: float, gh: int, gw: int) -> tuple[int, int]:
+    # Same float64 operations as ``_block_shape`` on Python floats.
+    h = min(max(math.floor(math.sqrt(keep * a) + 0.5), 1), gh)
+    w = min(max(math.floor(math.sqrt(keep / a) + 0.5), 1), gw)
+    return h, w
+
+
+def _reachable_shapes(
+    scale: float, aspect: tuple[float, float], gh: int, gw: int
+) -> dict[tuple[int, int], float]:
+    """Every ``(h, w)`` the rule gives at ``scale`` for an aspect in ``aspect``.
+
+    ``h`` only changes where ``sqrt(keep * a)`` crosses ``n + 1/2`` and ``w`` where
+    ``sqrt(keep / a)`` does, so evaluating at the ends, at every such breakpoint, at its
+    floating-point neighbours and between consecutive points sees every shape. Returns
+    ``{(h, w): an aspect giving it}``.
+    """
+    keep = gh * gw * scale
+    lo, hi = aspect
+    points = {lo, hi}
+    for n in range(max(gh, gw) + 1):
+        for b in ((n + 0.5) ** 2 / keep, keep / (n + 0.5) ** 2):
+            if lo < b < hi:
+                points.update((b, math.nextafter(b, -math.inf), math.nextafter(b, math.inf)))
+    ordered = sorted(p for p in points if lo <= p <= hi)
+    ordered += [(x + y) / 2 for x, y in zip(ordered, ordered[1:])]
+    shapes: dict[tuple[int, int], float] = {}
+    for a in ordered:
+        shapes.setdefault(_shape_scalar(keep, a, gh, gw), a)
+    return shapes
+
+
+def _footprint_extent(n: int, level: int, size: int) -> int:
+    """Fewest level-0 rows (or columns) that ``n`` adjacent level-``level`` cells can cover."""
+    f = 2**level
+    last = size - (-(-size // f) - 1) * f  # rows covered by the last (partial) cell
+    return (n - 1) * f + min(f, last)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class _Config:
+    grid_size: tuple[int, int]
+    level_grids: tuple[tuple[int, int], ...]
+    specs: tuple[TargetSpec, ...]
+    context_scale: tuple[float, float]
+    context_aspect_ratio: tuple[float, float]
+    min_target_tokens: int
+    min_context_tokens: int
+    truncate: bool
+    max_resample_rounds: int
+    # Per block slot (slot 0: context, then the blocks of level 0, 1, ...): float64 rows
+    # (scale_low, scale_span, aspect_low, aspect_span, tokens, gh, gw), built on CPU.
+    slots: torch.Tensor = field(repr=False, compare=False)
+
+    def describe(self) -> str:
+        levels = ", ".join(
+            f"level {l} grid {g}: {s.num_blocks} x scale {s.scale} aspect {s.aspect_ratio}"
+            for l, (g, s) in enumerate(zip(self.level_grids, self.specs))
+        )
+        return (
+            f"grid {self.grid_size}, targets [{levels}], context scale {self.context_scale} "
+            f"aspect {self.context_aspect_ratio}, min_context_tokens={self.min_context_tokens}"
+        )
+
+
+_DEFAULT_TARGET = TargetSpec()
+
+
+def _build_config(
+    *,
+    grid_size: int | tuple[int, int],
+    num_targets: int,
+    target_scale: tuple[float, float],
+    target_aspect_ratio: tuple[float, float],
+    context_scale: tuple[float, float],
+    context_aspect_ratio: tuple[float, float],
+    min_target_tokens: int,
+    min_context_tokens: int,
+    levels: int | Sequence[TargetSpec],
+    truncate: bool,
+    max_resample_rounds: int,
+) -> _Config:
+    grid = check_grid("grid_size", grid_size)
+    h0, w0 = grid
+    num_targets = check_int("num_targets", num_targets, min_value=1, max_value=h0 * w0)
+    target_scale = check_pair(
+        "target_scale", target_scale, min_value=0.0, min_inclusive=False, max_value=1.0
+    )
+    target_aspect_ratio = check_pair(
+        "target_aspect_ratio", target_aspect_ratio, min_value=0.0, min_inclusive=False
+    )
+    context_scale = check_pair(
+        "context_scale", context_scale, min_value=0.0, min_inclusive=False, max_value=1.0
+    )
+    context_aspect_ratio = check_pair(
+        "context_aspect_ratio", context_aspect_ratio, min_value=0.0, min_inclusive=False
+    )
+    min_target_tokens = check_int("min_target_tokens", min_target_tokens, min_value=1)
+    min_context_tokens = check_int("min_context_tokens", min_context_tokens, min_value=1)
+    truncate = check_bool("truncate", truncate)
+    max_resample_rounds = check_int("max_resample_rounds", max_resample_rounds, min_value=0)
+
+    # -- target specs per level
+    if isinstance(levels, int) and not isinstance(levels, bool):
+        n_levels = check_int("levels", levels, min_value=1, max_value=16)
+        specs = tuple(
+            TargetSpec(
+                num_blocks=max(1, num_targets // 2**l),
+                scale=target_scale,
+                aspect_ratio=target_aspect_ratio,
+            )
+            for l in range(n_levels)
+        )
+    elif isinstance(levels, Sequence) and not isinstance(levels, (str, bytes)):
+        if len(levels) == 0 or not all(isinstance(s, TargetSpec) for s in levels):
+            raise TypeError(
+                f"levels must be an int >= 1 or a non-empty sequence of TargetSpec, got {levels!r}"
+            )
+        if (num_targets, target_scale, target_aspect_ratio) != (
+            _DEFAULT_TARGET.num_blocks,
+            _DEFAULT_TARGET.scale,
+            _DEFAULT_TARGET.aspect_ratio,
+        ):
+            raise ValueError(
+                "levels is a sequence of TargetSpec, which sets every level's targets: leave "
+                "num_targets, target_scale and target_aspect_ratio at their defaults, got "
+                f"num_targets={num_targets}, target_scale={target_scale}, "
+                f"target_aspect_ratio={target_aspect_ratio}"
+            )
+        specs = tuple(levels)
+        for l in range(1, len(specs)):
+            if specs[l].scale[1] < specs[l - 1].scale[1]:
+                raise ValueError(
+                    f"levels: the scale upper bound must be non-decreasing with the level, got "
+                    f"{specs[l - 1].scale[1]} at level {l - 1} and {specs[l].scale[1]} at level {l}"
+                )
+        first, last = specs[0].scale, specs[-1].scale
+        limit = _MAX_LEVEL_SCALE_GROWTH * (1 + 1e-9)
+        if last[0] > limit * first[0] or last[1] > limit * first[1]:
+            raise ValueError(
+                f"levels: the coarsest level's scale {last} exceeds 1.33x level 0's {first}; use a "
+                "gentle progression, at most 1.33x; never the 2x/4x geometric growth (each level "
+                "already lives on a 2x coarser grid, so a constant scale keeps the image fraction)"
+            )
+    else:
+        raise TypeError(
+            f"levels must be an int >= 1 or a non-empty sequence of TargetSpec, got {levels!r}"
+        )
+    level_grids = tuple(level_grid_size(grid, l) for l in range(len(specs)))
+
+    # -- feasibility: target blocks
+    min_union = 0  # a lower bound on the level-0 footprint of all targets of a sample
+    for l, (spec, (gh, gw)) in enumerate(zip(specs, level_grids)):
+        if spec.num_blocks > gh * gw:
+            raise ValueError(
+                f"levels: level {l} asks for {spec.num_blocks} target blocks on a {gh}x{gw} grid "
+                f"(num_targets must be <= {gh * gw} there)"
+            )
+        shapes = _reachable_shapes(spec.scale[0], spec.aspect_ratio, gh, gw)
+        (bh, bw), a = min(shapes.items(), key=lambda item: item[0][0] * item[0][1])
+        if bh * bw < min_target_tokens:
+            raise ValueError(
+                f"min_target_tokens={min_target_tokens} can never be met: the smallest target "
+                f"block on level {l} (grid {gh}x{gw}, scale {spec.scale[0]}, aspect {a:.4g}) is "
+                f"{bh}x{bw} = {bh * bw} tokens; raise the target scale or lower min_target_tokens"
+            )
+        min_union = max(
+            min_union,
+            min(
+                _footprint_extent(h, l, h0) * _footprint_extent(w, l, w0)
+                for h, w in shapes
+            ),
+        )
+
+    # -- feasibility: context
+    if min_context_tokens > h0 * w0:
+        raise ValueError(
+            f"min_context_tokens={min_context_tokens} exceeds the {h0}x{w0} = {h0 * w0} tokens "
+            "of the grid"
+        )
+    ctx_shapes = _reachable_shapes(context_scale[1], context_aspect_ratio, h0, w0)
+    max_block = max(h * w for h, w in ctx_shapes)
+    max_context = min(max_block, h0 * w0 - min_union)
+    if max_context < min_context_tokens:
+        raise ValueError(
+            f"min_context_tokens={min_context_tokens} can never be met: the largest context "
+            f"block has {max_block} tokens and the targets cover at least {min_union} of the "
+            f"{h0 * w0}, so at most {max_context} context tokens remain; lower "
+            "min_context_tokens, raise context_scale or shrink the targets"
+        )
+
+    rows = [(*context_scale, *context_aspect_ratio, h0, w0)]
+    for spec, (gh, gw) in zip(specs, level_grids):
+        rows += [(*spec.scale, *spec.aspect_ratio, gh, gw)] * spec.num_blocks
+    slots = torch.tensor(
+        [(s0, s1 - s0, a0, a1 - a0, gh * gw, gh, gw) for s0, s1, a0, a1, gh, gw in rows],
+        dtype=torch.float64,
+    )
+    return _Config(
+        grid_size=grid,
+        level_grids=level_grids,
+        specs=specs,
+        context_scale=context_scale,
+        context_aspect_ratio=context_aspect_ratio,
+        min_target_tokens=min_target_tokens,
+        min_context_tokens=min_context_tokens,
+        truncate=truncate,
+        max_resample_rounds=max_resample_rounds,
+        slots=slots,
+    )
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _draw_boxes(slots: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Boxes ``(n, S, 4)`` as (top, left, h, w) for every slot: context, then targets."""
+    # One uniform draw per sample, slot and quantity: (scale, aspect, top, left).
+    u = torch.rand(n, slots.shape[0], 4, generator=generator, device=slots.device, dtype=torch.float64)
+    s = slots[:, 0] + slots[:, 1] * u[..., 0]
+    a = slots[:, 2] + slots[:, 3] * u[..., 1]
+    gh, gw = slots[:, 5].long(), slots[:, 6].long()
+    h, w = _block_shape(s, a, slots[:, 4], gh, gw)
+    # floor(u * (number of placements)) is uniform over {0, ..., g - size}; the clamp only
+    # guards against u * n rounding up to n.
+    top = torch.minimum(torch.floor(u[..., 2] * (gh - h + 1)).long(), gh - h)
+    left = torch.minimum(torch.floor(u[..., 3] * (gw - w + 1)).long(), gw - w)
+    return torch.stack((top, left, h, w), dim=-1)
+
+
+def _box_masks(boxes: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Dense masks ``(..., gh, gw)`` of boxes ``(..., 4)`` by broadcasting row/col ranges."""
+    top, left, h, w = boxes.unbind(-1)
+    rows = torch.arange(gh, device=boxes.device)
+    cols = torch.arange(gw, device=boxes.device)
+    in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))  # (..., gh)
+    in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))  # (..., gw)
+    return in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)
+
+
+def _context_mask(cfg: _Config, boxes: torch.Tensor) -> torch.Tensor:
+    """Context ``(n, H * W)``: context block minus the footprint of all target blocks."""
+    h0, w0 = cfg.grid_size
+    n = boxes.shape[0]
+    # Slot 0 and the level-0 targets share the level-0 grid: one dense pass for both.
+    m0 = cfg.specs[0].num_blocks
+    dense0 = _box_masks(boxes[:, : 1 + m0], h0, w0).reshape(n, 1 + m0, h0 * w0)
+    union = dense0[:, 1:].any(dim=1)
+    start = 1 + m0
+    for l in range(1, len(cfg.specs)):
+        gh, gw = cfg.level_grids[l]
+        m = cfg.specs[l].num_blocks
+        cells = _box_masks(boxes[:, start : start + m], gh, gw).reshape(n, m, gh * gw).any(dim=1)
+        union = union | level_footprint(cells, cfg.grid_size, level=l)
+        start += m
+    return dense0[:, 0] & ~union
+
+
+def _box_indices(boxes: torch.Tensor, gh: int, gw: int) -> MaskIndices:
+    """Ascending ids of full rectangles ``(..., 4)`` on a ``gh x gw`` grid: ``(..., K)``.
+
+    Slot ``j`` of a ``h x w`` box holds the cell ``(top + j // w, left + j % w)``, which is
+    row-major, hence ascending; slots ``j >= h * w`` are padding. The offsets
+    ``(j // w) * gw + j % w`` come from a small ``(gw + 1, K)`` table indexed by ``w``.
+    """
+    top, left, h, w = boxes.unbind(-1)
+    area = h * w
+    k = int(area.max()) if area.numel() else 0
+    j = torch.arange(k, device=boxes.device)
+    widths = torch.arange(1, gw + 1, device=boxes.device).unsqueeze(-1)  # (gw, 1)
+    rows = torch.div(j, widths, rounding_mode="floor")  # (gw, K)
+    table = torch.cat((torch.zeros_like(j).unsqueeze(0), rows * gw + (j - rows * widths)))
+    ids = table[w] + (top * gw + left).unsqueeze(-1)  # (..., K)
+    valid = j < area.unsqueeze(-1)
+    return MaskIndices(ids.masked_fill_(~valid, 0), valid)
+
+
+def _truncate(m: MaskIndices, generator: torch.Generator | None) -> MaskIndices:
+    """Cut every list to the smallest count, keeping a uniform random subset in order."""
+    k = int(m.counts.min())
+    if k == m.shape[-1]:
+        return m
+    # Random keys, padding last: the k smallest keys pick a uniform k-subset of the real
+    # tokens; sorting the kept slots keeps the ids ascending.
+    keys = torch.rand(m.shape, generator=generator, device=m.indices.device)
+    keys = keys.masked_fill(~m.valid, 2.0)
+    slots = torch.topk(keys, k, dim=-1, largest=False).indices.sort(dim=-1).values
+    return MaskIndices(m.indices.gather(-1, slots), torch.ones_like(slots, dtype=torch.bool))
+
+
+def _sample(
+    cfg: _Config,
+    batch_size: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> MultiBlockMasks:
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    sample_device = generator.device if generator is not None else torch.device("cpu")
+    slots = cfg.slots.to(sample_device)
+
+    boxes = _draw_boxes(slots, batch_size, generator)
+    context = _context_mask(cfg, boxes)
+    bad = context.sum(-1) < cfg.min_context_tokens
+    # Rejection: re-draw whole samples (all blocks) whose context is too small, only those,
+    # for at most max_resample_rounds rounds. One host sync per round.
+    for _ in range(cfg.max_resample_rounds):
+        redo = bad.nonzero().squeeze(1)
+        if redo.numel() == 0:
+            break
+        new_boxes = _draw_boxes(slots, redo.numel(), generator)
+        new_context = _context_mask(cfg, new_boxes)
+        boxes[redo] = new_boxes
+        context[redo] = new_context
+        bad[redo] = new_context.sum(-1) < cfg.min_context_tokens
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise RuntimeError(
+            f"{n_bad} of {batch_size} samples still had fewer than min_context_tokens="
+            f"{cfg.min_context_tokens} context tokens after max_resample_rounds="
+            f"{cfg.max_resample_rounds} re-draws ({cfg.describe()}); lower min_context_tokens, "
+            "use fewer or smaller targets, raise context_scale or max_resample_rounds"
+        )
+
+    ctx = mask_to_indices(context)
+    targets = []
+    target_boxes = []
+    start = 1
+    for spec, (gh, gw) in zip(cfg.specs, cfg.level_grids):
+        level_boxes = boxes[:, start : start + spec.num_blocks]
+        target_boxes.append(level_boxes)
+        targets.append(_box_indices(level_boxes, gh, gw))
+        start += spec.num_blocks
+    if cfg.truncate:
+        ctx = _truncate(ctx, generator)
+        targets = [_truncate(t, generator) for t in targets]
+
+    masks = MultiBlockMasks(
+        context=ctx,
+        targets=tuple(targets),
+        grid_size=cfg.grid_size,
+        level_grids=cfg.level_grids,
+        context_box=boxes[:, 0],
+        target_boxes=tuple(target_boxes),
+    )
+    if device is not None and torch.device(device) != sample_device:
+        masks = masks.to(device)
+    return masks
+
+
+def sample_multiblock_masks(
+    batch_size: int,
+    *,
+    grid_size: int | tuple[int, int],
+    num_targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    context_aspect_ratio: tuple[float, float] = (1.0, 1.0),
+    min_target_tokens: int = 1,
+    min_context_tokens: int = 10,
+    levels: int | Sequence[TargetSpec] = 1,
+    truncate: bool = False,
+    max_resample_rounds: int = 20,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MultiBlockMasks:
+    """Sample multi-block masks for a batch (functional form of ``MultiBlockMasker``).
+
+    Validates the spec on every call; build a ``MultiBlockMasker`` once to sample many
+    batches. See ``MultiBlockMasker`` for the arguments.
+
+    Returns:
+        ``MultiBlockMasks``: context ``(B, Kc)`` and per level targets ``(B, M_l, K_l)``.
+    """
+    cfg = _build_config(
+        grid_size=grid_size,
+        num_targets=num_targets,
+        target_scale=target_scale,
+        target_aspect_ratio=target_aspect_ratio,
+        context_scale=context_scale,
+        context_aspect_ratio=context_aspect_ratio,
+        min_target_tokens=min_target_tokens,
+        min_context_tokens=min_context_tokens,
+        levels=levels,
+        truncate=truncate,
+        max_resample_rounds=max_resample_rounds,
+    )
+    return _sample(cfg, batch_size, generator, device)
+
+
+class MultiBlockMasker:
+    """I-JEPA multi-block masker (see the module docstring for the exact sampling rule).
+
+    Args:
+        grid_size: Patch grid ``(H, W)``, or ``n`` for ``(n, n)``.
+        num_targets: Target blocks per sample at level 0. With ``levels=L`` (an int),
+            level ``l`` has ``max(1, num_targets // 2**l)`` blocks.
+        target_scale: ``(low, high)`` fraction of the level grid per target block.
+        target_aspect_ratio: ``(low, high)`` target height / width.
+        context_scale: ``(low, high)`` fraction of the grid covered by the context block
+            before the targets are removed.
+        context_aspect_ratio: ``(low, high)`` context block height / width.
+        min_target_tokens: Smallest allowed target block, in tokens of its level grid. The
+            constructor raises ``ValueError`` if the size rule can produce a smaller block.
+        min_context_tokens: Smallest allowed context. Samples below it are re-drawn (whole
+            samples, only those); the constructor raises ``ValueError`` if it can never be met.
+        levels: ``L`` (int): ``L`` levels sharing ``target_scale`` and
+            ``target_aspect_ratio`` (constant image fraction), ``max(1, num_targets // 2**l)``
+            blocks at level ``l``. Or an explicit sequence of ``TargetSpec``, one per level
+            (then leave the three ``target``/``num_targets`` arguments at their defaults);
+            scale upper bounds must not decrease and the coarsest level's scale bounds must be
+            at most 1.33x level 0's.
+        truncate: ``False`` (default): index lists are padded to the batch maximum with a
+            validity mask. ``True``: as I-JEPA, every context list is cut to the smallest
+            context count of the batch and, per level, every target list to the smallest
+            target block of the batch; the tokens dropped are a uniformly random subset of
+            each list (ascending order kept), not the bottom-right ones. ``valid`` is then
+            all ``True`` and cut target blocks are no longer full rectangles.
+        max_resample_rounds: Re-draw rounds for samples below ``min_context_tokens`` before
+            a ``RuntimeError`` naming the spec is raised.
+
+    Call ``masker(batch_size, *, generator=None, device=None)``. Sampling runs on the
+    generator's device (CPU when ``generator`` is ``None``, using the global torch RNG);
+    ``device`` moves the result. Same generator state, same masks.
+
+    Returns:
+        ``MultiBlockMasks``: ``context`` of shape ``(B, Kc)`` (level-0 ids), ``targets[l]`` of
+        shape ``(B, M_l, K_l)`` (level-``l`` ids), plus the sampled boxes.
+
+    Example:
+        >>> masker = MultiBlockMasker(grid_size=14)
+        >>> masks = masker(8, generator=torch.Generator().manual_seed(0))
+        >>> masks.targets[0].shape[:2], masks.context.shape[0]
+        (torch.Size([8, 4]), 8)
+    """
+
+    def __init__(
+        self,
+        *,
+        grid_size: int | tuple[int, int],
+        num_targets: int = 4,
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        context_aspect_ratio: tuple[float, float] = (1.0, 1.0),
+        min_target_tokens: int = 1,
+        min_context_tokens: int = 10,
+        levels: int | Sequence[TargetSpec] = 1,
+        truncate: bool = False,
+        max_resample_rounds: int = 20,
+    ) -> None:
+        self._cfg = _build_config(
+            grid_size=grid_size,
+            num_targets=num_targets,
+            target_scale=target_scale,
+            target_aspect_ratio=target_aspect_ratio,
+            context_scale=context_scale,
+            context_aspect_ratio=context_aspect_ratio,
+            min_target_tokens=min_target_tokens,
+            min_context_tokens=min_context_tokens,
+            levels=levels,
+            truncate=truncate,
+            max_resample_rounds=max_resample_rounds,
+        )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The level-0 grid ``(H, W)``."""
+        return self._cfg.grid_size
+
+    @property
+    def level_grids(self) -> tuple[tuple[int, int], ...]:
+        """Grid ``(h_l, w_l)`` of each level."""
+        return self._cfg.level_grids
+
+    @property
+    def target_specs(self) -> tuple[TargetSpec, ...]:
+        """The resolved ``TargetSpec`` of each level."""
+        return self._cfg.specs
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> MultiBlockMasks:
+        """Sample masks for ``batch_size`` samples (see the class docstring)."""
+        return _sample(self._cfg, batch_size, generator, device)
+
+    def __repr__(self) -> str:
+        c = self._cfg
+        return (
+            f"MultiBlockMasker(grid_size={c.grid_size}, levels={list(c.specs)}, "
+            f"context_scale={c.context_scale}, context_aspect_ratio={c.context_aspect_ratio}, "
+            f"min_target_tokens={c.min_target_tokens}, min_context_tokens={c.min_context_tokens}, "
+            f"truncate={c.truncate}, max_resample_rounds={c.max_resample_rounds})"
+        )

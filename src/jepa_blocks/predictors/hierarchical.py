@@ -1,0 +1,413 @@
+"""Narrow I-JEPA-style predictor that predicts target features at several hierarchy levels.
+
+Level convention: level ``l`` is the patch grid pooled by ``2**l x 2**l`` windows (ceil
+mode), of size ``level_grid_size(grid_size, l) = (ceil(H / 2**l), ceil(W / 2**l))``, with
+row-major cell ids. Context ids are always on the level-0 grid; the targets of level ``l``
+are ids on the level-``l`` grid. Every token gets its position from
+``jepa_blocks.grid.token_positions``: a coarse cell sits at the centre of its level-0
+footprint, so context tokens and queries of all levels share one coordinate frame.
+
+With ``num_levels=1`` this is the I-JEPA predictor: a linear map from the encoder width to
+the predictor width, one learnable mask token, fixed 2D sin-cos positions, context tokens
+followed by one query per target position, pre-norm ViT blocks, a final norm and a linear
+head back to the encoder width, read only at the queries.
+
+Sequence layout (one per target block; I-JEPA repeats the context for every block)::
+
+    [ c_0 .. c_{Nc-1} | q_0 .. q_{K_l-1} , pad .. pad ]     length Nc + Q, Q = max_l K_l
+      context tokens    the block's queries, padded to Q
+
+All blocks of all levels run batched in one pass of ``B * sum_l M_l`` sequences, ordered
+sample-major: sequence ``b * M_total + j`` holds block ``j`` of sample ``b`` where the
+blocks of level 0 come first, then those of level 1, and so on. Padded context tokens and
+padded queries are hidden as attention keys, so they never change a real query's output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from jepa_blocks._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_grid,
+    check_int,
+    check_tensor,
+)
+from jepa_blocks.encoders.attention import (
+    TransformerBlock,
+    attention_mask_from_valid,
+    init_transformer_weights,
+    rescale_residual_branches,
+)
+from jepa_blocks.grid import level_grid_size, token_positions
+from jepa_blocks.masking.indices import MaskIndices
+from jepa_blocks.positional.rope2d import RoPE2D
+from jepa_blocks.positional.sincos import sincos_2d
+
+__all__ = ["HierarchicalPredictor"]
+
+
+def _max_levels(grid_size: tuple[int, int]) -> int:
+    """Number of levels up to and including the first one whose grid is ``1 x 1``."""
+    return 1 + math.ceil(math.log2(max(grid_size)))
+
+
+def _level_positions(grid_size: tuple[int, int], num_levels: int) -> tuple[torch.Tensor, list[int]]:
+    """Positions of every cell of every level, concatenated level after level.
+
+    Returns:
+        ``(positions, offsets)``: float tensor of shape ``(sum_l h_l * w_l, 2)`` holding
+        ``(row, col)`` in level-0 units, and the row where each level's cells start (cell
+        ``i`` of level ``l`` is row ``offsets[l] + i``).
+    """
+    chunks, offsets, start = [], [], 0
+    for level in range(num_levels):
+        lh, lw = level_grid_size(grid_size, level)
+        chunks.append(token_positions(torch.arange(lh * lw), grid_size, level=level))
+        offsets.append(start)
+        start += lh * lw
+    return torch.cat(chunks), offsets
+
+
+def _as_mask_indices(name: str, value: object) -> MaskIndices:
+    """Accept a ``MaskIndices`` or an integer tensor of ids (then every id is real)."""
+    if isinstance(value, MaskIndices):
+        return value
+    if isinstance(value, torch.Tensor):
+        check_tensor(name, value, kind="int", allow_empty=True)
+        return MaskIndices(value, torch.ones_like(value, dtype=torch.bool))
+    raise TypeError(
+        f"{name} must be a MaskIndices or an integer tensor, got {type(value).__name__}"
+    )
+
+
+def _check_ids_in_range(name: str, ids: torch.Tensor, num_cells: int, grid: tuple[int, int], level: int) -> None:
+    # Needs a device sync, so only on CPU tensors (on GPU a bad id fails in the gather).
+    if ids.device.type == "cpu" and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= num_cells:
+            raise ValueError(
+                f"{name} must hold ids in [0, {num_cells}) of the level-{level} grid {grid}, "
+                f"got range [{low}, {high}]"
+            )
+
+
+def _pack_blocks(
+    targets: Sequence[MaskIndices], offsets: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad every level's blocks to the longest list and stack them along the block axis.
+
+    Args:
+        targets: One ``MaskIndices`` of shape ``(B, M_l, K_l)`` per level.
+        offsets: Start row of each level in the concatenated position table.
+
+    Returns:
+        ``(ids, valid, level)``: ``ids`` long ``(B, M_total, Q)`` rows of the position
+        table (level offset added), ``valid`` bool ``(B, M_total, Q)``, ``level`` long
+        ``(M_total,)`` the level of each block. ``Q = max_l K_l``; blocks of level 0 come
+        first, padding slots point at the level's cell 0 and are not valid.
+    """
+    q = max(t.shape[-1] for t in targets)
+    ids, valid, level = [], [], []
+    for lvl, (t, off) in enumerate(zip(targets, offsets)):
+        pad = q - t.shape[-1]
+        ids.append(F.pad(t.indices, (0, pad)) + off)
+        valid.append(F.pad(t.valid, (0, pad), value=False))
+        level.append(torch.full((t.shape[1],), lvl, dtype=torch.long, device=t.indices.device))
+    return torch.cat(ids, dim=1), torch.cat(valid, dim=1), torch.cat(level)
+
+
+class HierarchicalPredictor(nn.Module):
+    """I-JEPA predictor over ``num_levels`` hierarchy levels (plain I-JEPA for one level).
+
+    Each target block becomes its own sequence ``[context tokens ; block queries]``; a
+    query is the learnable mask token of its level plus its position (sin-cos added, or
+    RoPE inside every attention). Level ``l`` reads its queries through its own head
+    ``Linear(predictor_dim, out_dim[l])``. See the module docstring for the level
+    convention and the sequence layout.
+
+    Args:
+        grid_size: Level-0 patch grid ``(H, W)`` (an int means square).
+        embed_dim: Width ``D`` of the context encoder's tokens.
+        predictor_dim: Width ``P`` of the predictor (384 in I-JEPA's ViT-H predictor).
+        depth: Number of transformer blocks.
+        num_heads: Attention heads; must divide ``predictor_dim``.
+        num_levels: Number of hierarchy levels ``L``, at most the number of levels until
+            the grid is ``1 x 1`` (``1 + ceil(log2(max(H, W)))``).
+        out_dim: Output width per level: an int for all levels, a sequence of ``L`` ints,
+            or ``None`` for ``embed_dim`` everywhere.
+        mlp_ratio: MLP hidden width as a multiple of ``predictor_dim``.
+        qkv_bias: Bias in the qkv projections.
+        drop_path_rate: Stochastic depth of the last block; it rises linearly from 0.
+        layer_scale_init: Initial LayerScale value, or ``None`` for no LayerScale.
+        pos_embed: ``"sincos"`` adds fixed 2D sin-cos embeddings (``predictor_dim``
+            divisible by 4); ``"rope"`` rotates q and k by 2D RoPE in every block and adds
+            no absolute embedding (head width divisible by 4).
+        rope_theta: RoPE frequency base.
+        fused_attn: Use ``scaled_dot_product_attention`` (``False``: explicit softmax).
+        grad_checkpointing: Recompute each block in the backward pass while training.
+
+    Shapes:
+        context: ``(B, Nc, D)``; context_indices: ``(B, Nc)`` ids on the level-0 grid;
+        targets[l]: ``(B, M_l, K_l)`` or ``(B, K_l)`` ids on the level-``l`` grid;
+        output[l]: ``(B, M_l, K_l, out_dim[l])`` or ``(B, K_l, out_dim[l])``.
+
+    Example:
+        >>> pred = HierarchicalPredictor(grid_size=8, embed_dim=64, predictor_dim=32,
+        ...                              depth=2, num_heads=4, num_levels=2)
+        >>> context = torch.randn(2, 40, 64)                 # 40 context tokens per image
+        >>> context_ids = torch.arange(40).expand(2, 40)     # their ids on the 8 x 8 grid
+        >>> ids0 = torch.tensor([[0, 1, 8, 9], [54, 55, 62, 63]]).expand(2, 2, 4)  # 2 blocks
+        >>> ids1 = torch.tensor([[10, 11, 14, 15]]).expand(2, 1, 4)  # 1 block, 4 x 4 grid
+        >>> out = pred(context, context_indices=context_ids, targets=[ids0, ids1])
+        >>> [tuple(o.shape) for o in out]
+        [(2, 2, 4, 64), (2, 1, 4, 64)]
+    """
+
+    def __init__(
+        self,
+        *,
+        grid_size: int | tuple[int, int],
+        embed_dim: int,
+        predictor_dim: int = 384,
+        depth: int = 6,
+        num_heads: int = 12,
+        num_levels: int = 1,
+        out_dim: int | Sequence[int] | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        pos_embed: Literal["sincos", "rope"] = "sincos",
+        rope_theta: float = 100.0,
+        fused_attn: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.grid_size = check_grid("grid_size", grid_size)
+        self.embed_dim = check_int("embed_dim", embed_dim, min_value=1)
+        self.predictor_dim = check_int("predictor_dim", predictor_dim, min_value=1)
+        depth = check_int("depth", depth, min_value=1)
+        num_heads = check_int("num_heads", num_heads, min_value=1)
+        if predictor_dim % num_heads:
+            raise ValueError(
+                f"num_heads must divide predictor_dim, got predictor_dim={predictor_dim}, "
+                f"num_heads={num_heads}"
+            )
+        max_levels = _max_levels(self.grid_size)
+        self.num_levels = check_int("num_levels", num_levels, min_value=1, max_value=max_levels)
+        self.out_dims = self._parse_out_dim(out_dim)
+        mlp_ratio = check_float("mlp_ratio", mlp_ratio, min_value=0.0, min_inclusive=False)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        drop_path_rate = check_float(
+            "drop_path_rate", drop_path_rate, min_value=0.0, max_value=1.0, max_inclusive=False
+        )
+        if layer_scale_init is not None:
+            layer_scale_init = check_float(
+                "layer_scale_init", layer_scale_init, min_value=0.0, min_inclusive=False
+            )
+        self.pos_embed = check_choice("pos_embed", pos_embed, ("sincos", "rope"))
+        rope_theta = check_float("rope_theta", rope_theta, min_value=1.0, min_inclusive=False)
+        fused_attn = check_bool("fused_attn", fused_attn)
+        self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
+        head_dim = predictor_dim // num_heads
+        if self.pos_embed == "sincos" and predictor_dim % 4:
+            raise ValueError(
+                f"predictor_dim must be divisible by 4 for pos_embed='sincos', got {predictor_dim}"
+            )
+        if self.pos_embed == "rope" and head_dim % 4:
+            raise ValueError(
+                "predictor_dim / num_heads (the head width) must be divisible by 4 for "
+                f"pos_embed='rope', got {predictor_dim} / {num_heads} = {head_dim}"
+            )
+
+        self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
+        self.mask_tokens = nn.Parameter(torch.zeros(self.num_levels, predictor_dim))
+        rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                predictor_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=rate,
+                layer_scale_init=layer_scale_init,
+                fused_attn=fused_attn,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(predictor_dim, eps=1e-6)
+        self.heads = nn.ModuleList(nn.Linear(predictor_dim, d) for d in self.out_dims)
+
+        # Fixed tables over the cells of all levels (row offsets[l] + id for level l's
+        # cell id), not saved in the state dict: they follow .to() and are rebuilt on init.
+        positions, self._offsets = _level_positions(self.grid_size, self.num_levels)
+        self._level_cells = [
+            math.prod(level_grid_size(self.grid_size, lvl)) for lvl in range(self.num_levels)
+        ]
+        if self.pos_embed == "sincos":
+            self.rope = None
+            self.register_buffer("pos_table", sincos_2d(positions, predictor_dim), persistent=False)
+        else:
+            self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta)
+            cos, sin = self.rope.cos_sin(positions)  # (1, cells, head_dim / 2) each
+            self.register_buffer("rope_cos", cos[0], persistent=False)
+            self.register_buffer("rope_sin", sin[0], persistent=False)
+
+        self.apply(init_transformer_weights)
+        rescale_residual_branches(self.blocks)
+        nn.init.trunc_normal_(self.mask_tokens, std=0.02)
+
+    def _parse_out_dim(self, out_dim: int | Sequence[int] | None) -> list[int]:
+        if out_dim is None:
+            return [self.embed_dim] * self.num_levels
+        if isinstance(out_dim, int) and not isinstance(out_dim, bool):
+            return [check_int("out_dim", out_dim, min_value=1)] * self.num_levels
+        if isinstance(out_dim, (str, bytes)) or not isinstance(out_dim, Sequence):
+            raise TypeError(
+                f"out_dim must be an int, a sequence of num_levels ints or None, got "
+                f"{type(out_dim).__name__}"
+            )
+        if len(out_dim) != self.num_levels:
+            raise ValueError(
+                f"out_dim must have num_levels={self.num_levels} entries, got {len(out_dim)}"
+            )
+        return [check_int(f"out_dim[{i}]", d, min_value=1) for i, d in enumerate(out_dim)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn per-block gradient checkpointing on or off (used only while training)."""
+        self.grad_checkpointing = check_bool("enable", enable)
+
+    def _check_targets(
+        self, targets: object, batch: int, device: torch.device
+    ) -> tuple[list[MaskIndices], list[bool]]:
+        """Validate targets; return them as ``(B, M_l, K_l)`` plus which were ``(B, K_l)``."""
+        if isinstance(targets, (MaskIndices, torch.Tensor)):
+            if self.num_levels != 1:
+                raise TypeError(
+                    f"targets must be a sequence of num_levels={self.num_levels} MaskIndices, "
+                    "got a single one"
+                )
+            targets = [targets]
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
+            raise TypeError(
+                f"targets must be a MaskIndices or a sequence of MaskIndices, got "
+                f"{type(targets).__name__}"
+            )
+        if len(targets) != self.num_levels:
+            raise ValueError(
+                f"targets must hold one entry per level (num_levels={self.num_levels}), "
+                f"got {len(targets)}"
+            )
+        out, squeeze = [], []
+        for lvl, t in enumerate(targets):
+            name = f"targets[{lvl}]"
+            t = _as_mask_indices(name, t)
+            if t.indices.ndim not in (2, 3):
+                raise ValueError(
+                    f"{name} must have shape (B, M, K) or (B, K), got {tuple(t.shape)}"
+                )
+            if t.shape[0] != batch:
+                raise ValueError(
+                    f"{name} batch size {t.shape[0]} does not match context batch size {batch}"
+                )
+            grid = level_grid_size(self.grid_size, lvl)
+            _check_ids_in_range(name, t.indices, self._level_cells[lvl], grid, lvl)
+            squeeze.append(t.indices.ndim == 2)
+            if t.indices.ndim == 2:
+                t = MaskIndices(t.indices.unsqueeze(1), t.valid.unsqueeze(1))
+            out.append(t.to(device))
+        return out, squeeze
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        *,
+        context_indices: MaskIndices | torch.Tensor,
+        targets: MaskIndices | torch.Tensor | Sequence[MaskIndices | torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Predict the target features of every block of every level.
+
+        Args:
+            context: Context-encoder tokens of shape ``(B, Nc, D)``.
+            context_indices: ``MaskIndices`` or long tensor of shape ``(B, Nc)``: each
+                context token's id on the level-0 grid. Padded tokens (``valid`` False)
+                are ignored.
+            targets: For ``num_levels == 1`` a ``MaskIndices`` (or long tensor), else a
+                sequence of ``num_levels`` of them; entry ``l`` has shape
+                ``(B, M_l, K_l)`` (``M_l`` blocks) or ``(B, K_l)`` (one block) with ids on
+                the level-``l`` grid. Long tensors count as all valid.
+
+        Returns:
+            One tensor per level of shape ``(B, M_l, K_l, out_dim[l])`` (or
+            ``(B, K_l, out_dim[l])`` for ``(B, K_l)`` targets). Padded target slots hold
+            finite values; mask them with ``targets[l].valid``.
+        """
+        check_tensor("context", context, ndim=3, kind="float")
+        b, nc, d = context.shape
+        if d != self.embed_dim:
+            raise ValueError(
+                f"context must have width embed_dim={self.embed_dim}, got shape {tuple(context.shape)}"
+            )
+        ctx = _as_mask_indices("context_indices", context_indices)
+        if tuple(ctx.shape) != (b, nc):
+            raise ValueError(
+                f"context_indices must have shape (B, Nc) = {(b, nc)} matching context, got "
+                f"{tuple(ctx.shape)}"
+            )
+        _check_ids_in_range("context_indices", ctx.indices, self._level_cells[0], self.grid_size, 0)
+        ctx = ctx.to(context.device)
+        levels, squeeze = self._check_targets(targets, b, context.device)
+
+        ids, valid, block_level = _pack_blocks(levels, self._offsets)  # (B, Mt, Q), (Mt,)
+        mt, q = ids.shape[1], ids.shape[2]
+        x = self.predictor_embed(context)  # (B, Nc, P)
+        p = x.shape[-1]
+        if mt * q == 0:  # nothing to predict
+            out = x.new_zeros(b, mt, q, p)
+        else:
+            queries = self.mask_tokens[block_level].to(x.dtype)[None, :, None, :]  # (1, Mt, 1, P)
+            queries = queries.expand(b, mt, q, p)
+            if self.pos_embed == "sincos":
+                table = self.pos_table.to(x.dtype)
+                x = x + table[ctx.indices]
+                queries = queries + table[ids]
+            # One sequence per (sample, block): the sample's context, then the block's queries.
+            seq = torch.cat((x.unsqueeze(1).expand(b, mt, nc, p), queries), dim=2).flatten(0, 1)
+            seq_valid = torch.cat((ctx.valid.unsqueeze(1).expand(b, mt, nc), valid), dim=2)
+            attn_mask = attention_mask_from_valid(seq_valid.flatten(0, 1))  # (B*Mt, 1, 1, Nc+Q)
+            rope = None
+            if self.pos_embed == "rope":
+                seq_ids = torch.cat((ctx.indices.unsqueeze(1).expand(b, mt, nc), ids), dim=2)
+                seq_ids = seq_ids.flatten(0, 1)  # (B*Mt, Nc+Q) rows of the position tables
+                rope = (self.rope_cos[seq_ids].unsqueeze(1), self.rope_sin[seq_ids].unsqueeze(1))
+            use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+            for block in self.blocks:
+                if use_ckpt:
+                    seq = checkpoint(block, seq, rope=rope, attn_mask=attn_mask, use_reentrant=False)
+                else:
+                    seq = block(seq, rope=rope, attn_mask=attn_mask)
+            out = self.norm(seq[:, nc:]).reshape(b, mt, q, p)  # queries only
+
+        outputs, start = [], 0
+        for lvl, t in enumerate(levels):
+            m, k = t.shape[1], t.shape[2]
+            pred = self.heads[lvl](out[:, start : start + m, :k])  # (B, M_l, K_l, out_dim_l)
+            outputs.append(pred.squeeze(1) if squeeze[lvl] else pred)
+            start += m
+        return outputs
+
+    def extra_repr(self) -> str:
+        return (
+            f"grid_size={self.grid_size}, num_levels={self.num_levels}, "
+            f"out_dims={self.out_dims}, pos_embed={self.pos_embed!r}"
+        )

@@ -1,0 +1,440 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from jepa_blocks.targets import EMATarget, ema_update_, momentum_schedule
+from jepa_blocks.targets.ema import _lerp_params, unwrap_module
+
+
+def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double()
+
+
+def _perturb(module: nn.Module, scale: float = 1.0) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _linear_m(step: int, total: int, start: float = 0.996, end: float = 1.0) -> float:
+    """I-JEPA's ramp written independently: linspace-like, clamped at the end."""
+    frac = step / total if step < total else 1.0
+    return start * (1 - frac) + end * frac
+
+
+def _cosine_m(step: int, total: int, start: float = 0.996, end: float = 1.0) -> float:
+    frac = min(step, total) / total
+    return end - (end - start) * (math.cos(math.pi * frac) + 1) / 2
+
+
+class FakeDDP(nn.Module):
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.module = m
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+class FakeCompiled(nn.Module):
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = m
+
+
+# ---------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_endpoints(schedule):
+    assert momentum_schedule(0, total_steps=100, schedule=schedule) == 0.996
+    assert momentum_schedule(100, total_steps=100, schedule=schedule) == 1.0
+    assert momentum_schedule(10_000, total_steps=100, schedule=schedule) == 1.0
+    assert momentum_schedule(50, total_steps=100, schedule=schedule) == pytest.approx(0.998)
+    assert momentum_schedule(0, total_steps=1, start=0.5, end=0.9, schedule=schedule) == 0.5
+    assert momentum_schedule(1, total_steps=1, start=0.5, end=0.9, schedule=schedule) == 0.9
+
+
+def test_schedule_matches_formulas():
+    total = 37
+    for s in range(0, 2 * total):
+        assert momentum_schedule(s, total_steps=total) == pytest.approx(
+            _linear_m(s, total), rel=0, abs=1e-15
+        )
+        assert momentum_schedule(s, total_steps=total, schedule="cosine") == pytest.approx(
+            _cosine_m(s, total), rel=0, abs=1e-15
+        )
+    # Cosine starts slower than linear and ends faster.
+    assert momentum_schedule(5, total_steps=total, schedule="cosine") < _linear_m(5, total)
+    assert momentum_schedule(30, total_steps=total, schedule="cosine") > _linear_m(30, total)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted),
+    total=st.integers(1, 10**6),
+    a=st.floats(0, 2),
+    b=st.floats(0, 2),
+    schedule=st.sampled_from(["linear", "cosine"]),
+)
+def test_schedule_monotone_and_bounded(bounds, total, a, b, schedule):
+    start, end = bounds
+    s1, s2 = sorted((int(a * total), int(b * total)))
+    m1 = momentum_schedule(s1, total_steps=total, start=start, end=end, schedule=schedule)
+    m2 = momentum_schedule(s2, total_steps=total, start=start, end=end, schedule=schedule)
+    assert start <= m1 <= m2 <= end
+    m3 = momentum_schedule(s1 + 1, total_steps=total, start=start, end=end, schedule=schedule)
+    assert m1 <= m3
+
+
+# ---------------------------------------------------------------- ema_update_
+
+
+def test_ema_update_formula_and_extremes():
+    torch.manual_seed(0)
+    t = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    o = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    before = [x.clone() for x in t]
+    ema_update_(t, o, 0.9)
+    for x, b, y in zip(t, before, o):
+        torch.testing.assert_close(x, 0.9 * b + 0.1 * y, rtol=1e-15, atol=1e-15)
+    kept = [x.clone() for x in t]
+    ema_update_(t, o, 1.0)
+    for x, k in zip(t, kept):
+        assert torch.equal(x, k)
+    ema_update_(t, o, 0.0)
+    for x, y in zip(t, o):
+        assert torch.equal(x, y)
+
+
+def test_ema_update_mixed_dtype_uses_loop():
+    torch.manual_seed(0)
+    t = [torch.randn(6, dtype=torch.float64), torch.randn(2, dtype=torch.float32)]
+    o = [torch.randn(6, dtype=torch.float32), torch.randn(2, dtype=torch.float32)]
+    before = [x.clone() for x in t]
+    ema_update_(t, o, 0.75)
+    torch.testing.assert_close(t[0], 0.75 * before[0] + 0.25 * o[0].double())
+    torch.testing.assert_close(t[1], 0.75 * before[1] + 0.25 * o[1])
+    assert t[0].dtype == torch.float64
+
+
+def test_foreach_path_equals_loop_path():
+    torch.manual_seed(0)
+    t = [torch.randn(7, 3), torch.randn(11), torch.randn(2, 2, 2)]
+    o = [torch.randn_like(x) for x in t]
+    fast = [x.clone() for x in t]
+    _lerp_params(fast, o, 0.3)
+    for x, y, f in zip(t, o, fast):
+        assert torch.equal(x.clone().lerp_(y, 0.3), f)
+
+
+def test_ema_update_bad_args():
+    t = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="online_params"):
+        ema_update_(t, [torch.zeros(3), torch.zeros(3)], 0.9)
+    with pytest.raises(ValueError, match=r"online_params\[0\]"):
+        ema_update_(t, [torch.zeros(4)], 0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update_(t, [torch.zeros(3)], 1.5)
+    with pytest.raises(TypeError, match="target_params"):
+        ema_update_(torch.zeros(3), [torch.zeros(3)], 0.9)
+    with pytest.raises(TypeError, match=r"online_params\[0\]"):
+        ema_update_(t, [3.0], 0.9)
+
+
+# ---------------------------------------------------------------- EMATarget
+
+
+def test_update_matches_formula_over_steps():
+    online = _mlp()
+    total = 10
+    ema = EMATarget(online, total_steps=total)
+    expected = _params(online)
+    for s in range(4):
+        _perturb(online)
+        m = _linear_m(s, total)
+        assert ema.momentum == pytest.approx(m, abs=1e-15)
+        before = _params(ema.module)
+        ema.update(online)
+        for n, p in ema.module.named_parameters():
+            o = dict(online.named_parameters())[n].detach()
+            torch.testing.assert_close(p, m * before[n] + (1 - m) * o, rtol=1e-14, atol=1e-15)
+            expected[n] = m * expected[n] + (1 - m) * o
+        assert ema.step == s + 1
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=1e-13, atol=1e-14)
+
+
+def test_momentum_one_leaves_target_unchanged():
+    online = _bn_model()
+    for momentum in (1.0, (1.0, 1.0)):
+        ema = EMATarget(online, total_steps=5, momentum=momentum)
+        before = _params(ema.module)
+        _perturb(online)
+        for _ in range(3):
+            ema.update(online)
+        for n, p in ema.module.named_parameters():
+            assert torch.equal(p, before[n])
+    # Past the end of a ramp to 1.0 the target is frozen too.
+    ema = EMATarget(online, total_steps=2)
+    ema.update(online)
+    ema.update(online)
+    before = _params(ema.module)
+    _perturb(online)
+    ema.update(online)
+    assert all(torch.equal(p, before[n]) for n, p in ema.module.named_parameters())
+
+
+def test_state_dict_round_trip_continues_identically():
+    online = _mlp()
+    a = EMATarget(online, total_steps=8, schedule="cosine")
+    for _ in range(3):
+        _perturb(online)
+        a.update(online)
+    sd = a.state_dict()
+    assert int(sd["num_steps"]) == 3
+
+    b = EMATarget(_mlp(seed=1), total_steps=8, schedule="cosine")
+    assert b.step == 0
+    b.load_state_dict(sd)
+    assert b.step == 3 and b.momentum == a.momentum
+    for (_, p), (_, q) in zip(a.module.named_parameters(), b.module.named_parameters()):
+        assert torch.equal(p, q)
+    for _ in range(2):
+        _perturb(online)
+        a.update(online)
+        b.update(online)
+    assert a.step == b.step == 5
+    for (_, p), (_, q) in zip(a.module.named_parameters(), b.module.named_parameters()):
+        assert torch.equal(p, q)
+
+    # Loading through a parent module also re-reads the step.
+    parent = nn.ModuleDict({"ema": EMATarget(_mlp(), total_steps=8, schedule="cosine")})
+    parent.load_state_dict({f"ema.{k}": v for k, v in a.state_dict().items()})
+    assert parent["ema"].step == 5
+
+
+def test_no_gradients_reach_target():
+    online = _mlp()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    online(x).sum().backward()  # online now holds .grad
+    ema = EMATarget(online, total_steps=10)
+    assert all(not p.requires_grad and p.grad is None for p in ema.parameters())
+    y = ema(x)
+    assert y.grad_fn is None and not y.requires_grad
+
+    before = _params(ema.module)
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+    loss = ((online(x) - ema(x)) ** 2).mean()
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in ema.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in ema.module.named_parameters())
+    assert not all(torch.equal(p, before[n]) for n, p in online.named_parameters())
+
+
+def test_mode_follows_ema_module():
+    online = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    ema = EMATarget(online, total_steps=3)
+    assert ema.training and ema.module.training
+    ema.eval()
+    assert not ema.module.training and online.training
+    online.eval()
+    assert not EMATarget(online, total_steps=3).module.training
+
+
+def test_buffers_copied():
+    online = _bn_model()
+    ema = EMATarget(online, total_steps=10)
+    online.train()
+    online(torch.randn(16, 4, dtype=torch.float64) * 3 + 1)
+    assert not torch.equal(online[1].running_mean, ema.module[1].running_mean)
+    ema.update(online)
+    for (n, b), (_, ob) in zip(ema.module.named_buffers(), online.named_buffers()):
+        assert torch.equal(b, ob), n
+    assert int(ema.module[1].num_batches_tracked) == 1
+    # Buffers are copies, not aliases.
+    online(torch.randn(16, 4, dtype=torch.float64))
+    assert not torch.equal(online[1].running_mean, ema.module[1].running_mean)
+
+
+def test_wrappers_unwrapped():
+    online = _mlp()
+    ema = EMATarget(FakeDDP(online), total_steps=10)
+    assert "module.0.weight" in ema.state_dict()  # not module.module.0.weight
+    reference = EMATarget(online, total_steps=10)
+    _perturb(online)
+    ema.update(FakeDDP(online))
+    reference.update(online)
+    for (_, p), (_, q) in zip(ema.module.named_parameters(), reference.module.named_parameters()):
+        assert torch.equal(p, q)
+    ema.update(FakeCompiled(FakeDDP(online)))
+    assert ema.step == 2
+    assert unwrap_module(FakeCompiled(online)) is online
+
+
+def test_compiled_module_unwrapped():
+    online = _mlp()
+    assert unwrap_module(torch.compile(online)) is online  # nothing is compiled until called
+
+
+def test_module_with_own_params_not_unwrapped():
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+            self.head = nn.Linear(2, 1)
+
+    h = Holder()
+    assert unwrap_module(h) is h
+    ema = EMATarget(h, total_steps=3)
+    with pytest.raises(ValueError, match="online"):
+        ema.update(h.module)
+
+
+def test_update_every_k():
+    online = _bn_model()
+    total, k = 20, 3
+    ema = EMATarget(online, total_steps=total, update_every=k)
+    assert ema.momentum == pytest.approx(_linear_m(k - 1, total), abs=1e-15)
+    start = _params(ema.module)
+    bn_start = ema.module[1].running_mean.clone()
+    _perturb(online)
+    online(torch.randn(8, 4, dtype=torch.float64))
+    for _ in range(k - 1):
+        ema.update(online)
+        assert all(torch.equal(p, start[n]) for n, p in ema.module.named_parameters())
+        assert torch.equal(ema.module[1].running_mean, bn_start)
+    ema.update(online)
+    m = _linear_m(k - 1, total)
+    o = _params(online)
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, m * start[n] + (1 - m) * o[n], rtol=1e-14, atol=1e-15)
+    assert torch.equal(ema.module[1].running_mean, online[1].running_mean)
+    assert ema.step == k
+    assert ema.momentum == pytest.approx(_linear_m(2 * k - 1, total), abs=1e-15)
+
+
+def test_update_every_compensate():
+    online = _mlp()
+    ema = EMATarget(online, total_steps=10, update_every=2, compensate=True)
+    m = _linear_m(1, 10) ** 2
+    assert ema.momentum == pytest.approx(m, abs=1e-15)
+    start = _params(ema.module)
+    _perturb(online)
+    ema.update(online)
+    ema.update(online)
+    o = _params(online)
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, m * start[n] + (1 - m) * o[n], rtol=1e-14, atol=1e-15)
+
+
+def test_to_dtype_then_update_with_other_dtype_online():
+    online = _mlp(torch.float32)
+    ema = EMATarget(online, total_steps=10).to(torch.float64)
+    assert ema.num_steps.dtype == torch.long
+    assert all(p.dtype == torch.float64 for p in ema.parameters())
+    start = _params(ema.module)
+    _perturb(online)
+    ema.update(online)
+    o = _params(online)
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, 0.996 * start[n] + 0.004 * o[n].double())
+
+
+def test_copy_keeps_device_and_dtype():
+    online = _mlp(torch.float32)
+    ema = EMATarget(online, total_steps=10)
+    for p, q in zip(ema.parameters(), online.parameters()):
+        assert p.dtype == q.dtype and p.device == q.device
+        assert p.data_ptr() != q.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_update_and_cpu_ema():
+    online = _mlp(torch.float32).cuda()
+    ema = EMATarget(online, total_steps=10)
+    assert all(p.is_cuda for p in ema.parameters()) and ema.num_steps.is_cuda
+    cpu_ema = copy.deepcopy(ema).cpu()  # an EMA kept on the host: cross-device loop path
+    start = _params(ema.module)
+    _perturb(online)
+    ema.update(online)
+    cpu_ema.update(online)
+    o = _params(online)
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, 0.996 * start[n] + 0.004 * o[n])
+    for (_, p), (_, q) in zip(ema.module.named_parameters(), cpu_ema.module.named_parameters()):
+        torch.testing.assert_close(p.cpu(), q)
+    assert int(ema.num_steps) == 1 and ema.step == 1
+
+
+def test_bad_args():
+    online = _mlp()
+    with pytest.raises(ValueError, match="total_steps"):
+        EMATarget(online, total_steps=0)
+    with pytest.raises(TypeError, match="total_steps"):
+        EMATarget(online, total_steps=2.5)
+    for bad in ((1.1, 1.0), (-0.1, 1.0), (0.999, 0.99), 1.5):
+        with pytest.raises(ValueError, match="momentum"):
+            EMATarget(online, total_steps=5, momentum=bad)
+    with pytest.raises(TypeError, match="momentum"):
+        EMATarget(online, total_steps=5, momentum="0.99")
+    with pytest.raises(ValueError, match="schedule"):
+        EMATarget(online, total_steps=5, schedule="exp")
+    with pytest.raises(ValueError, match="update_every"):
+        EMATarget(online, total_steps=5, update_every=0)
+    with pytest.raises(TypeError, match="compensate"):
+        EMATarget(online, total_steps=5, compensate=1)
+    with pytest.raises(TypeError, match="online"):
+        EMATarget(lambda x: x, total_steps=5)
+
+    ema = EMATarget(online, total_steps=5)
+    with pytest.raises(TypeError, match="online"):
+        ema.update(list(online.parameters()))
+    with pytest.raises(ValueError, match=r"online.*shape"):
+        ema.update(nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 3)).double())
+    with pytest.raises(ValueError, match=r"online.*missing"):
+        ema.update(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)).double())
+    with pytest.raises(ValueError, match=r"online.*buffer"):
+        ema.update(_with_buffer())
+    assert ema.step == 0  # failed updates do not count
+
+
+def _with_buffer() -> nn.Module:
+    m = _mlp()
+    m.register_buffer("extra", torch.zeros(1))
+    return m
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"step": -1, "total_steps": 5}, "step"),
+        ({"step": 0, "total_steps": 0}, "total_steps"),
+        ({"step": 0, "total_steps": 5, "start": 0.9, "end": 0.8}, "start"),
+        ({"step": 0, "total_steps": 5, "start": 1.2}, "start"),
+        ({"step": 0, "total_steps": 5, "end": float("nan")}, "end"),
+        ({"step": 0, "total_steps": 5, "schedule": "step"}, "schedule"),
+    ],
+)
+def test_schedule_bad_args(kwargs, name):
+    step = kwargs.pop("step")
+    with pytest.raises(ValueError, match=name):
+        momentum_schedule(step, **kwargs)
