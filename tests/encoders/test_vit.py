@@ -98,10 +98,12 @@ def test_gradient_checkpointing_same_values_and_grads():
 def test_layer_scale_and_bf16_autocast():
     enc = _small(layer_scale_init=1e-5)
     assert enc.blocks[0].ls1.gamma.shape == (32,)
+    images, keep = torch.randn(2, 3, 16, 16), torch.tensor([[0, 1], [2, 3]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = enc(torch.randn(2, 3, 16, 16), keep=torch.tensor([[0, 1], [2, 3]]), out_layers=[0])
-    # Blocks run in bf16; autocast runs the final layer norm in float32.
-    assert out.layers[0].dtype == torch.bfloat16 and torch.isfinite(out.tokens).all()
+        low = enc(images, keep=keep).tokens
+    ref = enc(images, keep=keep).tokens
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
 
 
 @settings(max_examples=15, deadline=None)

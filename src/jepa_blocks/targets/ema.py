@@ -72,7 +72,7 @@ def momentum_schedule(
         weight = t
     else:
         # (1 - cos(pi t)) / 2 written as sin^2(pi t / 2): same value, no cancellation near 0.
-        weight = math.sin(0.5 * math.pi * t) ** 2
+        weight = math.sin(math.pi * t) ** 2
     # Clamp away rounding so that the result stays in [start, end].
     return min(max(start + (end - start) * weight, start), end)
 
@@ -316,7 +316,7 @@ class EMATarget(nn.Module):
         if (step + 1) % self.update_every == 0:
             m = self._momentum_at(step)
             if m != 1.0:
-                _lerp_params([t for _, t in target_params], online_params, m)
+                _lerp_params([t for _, t in target_params], online_params, 1.0 - m)
             for (_, t), o in zip(target_buffers, online_buffers):
                 t.copy_(o)
         self.num_steps.add_(1)
