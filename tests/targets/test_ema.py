@@ -113,14 +113,14 @@ def test_ema_update_formula_and_extremes():
     o = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     before = [x.clone() for x in t]
     ema_update_(t, o, 0.9)
-    for x, b, y in zip(t, before, o):
+    for x, b, y in zip(t, before, o, strict=True):
         torch.testing.assert_close(x, 0.9 * b + 0.1 * y, rtol=1e-15, atol=1e-15)
     kept = [x.clone() for x in t]
     ema_update_(t, o, 1.0)
-    for x, k in zip(t, kept):
+    for x, k in zip(t, kept, strict=True):
         assert torch.equal(x, k)
     ema_update_(t, o, 0.0)
-    for x, y in zip(t, o):
+    for x, y in zip(t, o, strict=True):
         assert torch.equal(x, y)
 
 
@@ -141,7 +141,7 @@ def test_foreach_path_equals_loop_path():
     o = [torch.randn_like(x) for x in t]
     fast = [x.clone() for x in t]
     _lerp_params(fast, o, 0.3)
-    for x, y, f in zip(t, o, fast):
+    for x, y, f in zip(t, o, fast, strict=True):
         assert torch.equal(x.clone().lerp_(y, 0.3), f)
 
 
@@ -215,14 +215,18 @@ def test_state_dict_round_trip_continues_identically():
     assert b.step == 0
     b.load_state_dict(sd)
     assert b.step == 3 and b.momentum == a.momentum
-    for (_, p), (_, q) in zip(a.module.named_parameters(), b.module.named_parameters()):
+    for (_, p), (_, q) in zip(
+        a.module.named_parameters(), b.module.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q)
     for _ in range(2):
         _perturb(online)
         a.update(online)
         b.update(online)
     assert a.step == b.step == 5
-    for (_, p), (_, q) in zip(a.module.named_parameters(), b.module.named_parameters()):
+    for (_, p), (_, q) in zip(
+        a.module.named_parameters(), b.module.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q)
 
     # Loading through a parent module also re-reads the step.
@@ -267,7 +271,7 @@ def test_buffers_copied():
     online(torch.randn(16, 4, dtype=torch.float64) * 3 + 1)
     assert not torch.equal(online[1].running_mean, ema.module[1].running_mean)
     ema.update(online)
-    for (n, b), (_, ob) in zip(ema.module.named_buffers(), online.named_buffers()):
+    for (n, b), (_, ob) in zip(ema.module.named_buffers(), online.named_buffers(), strict=True):
         assert torch.equal(b, ob), n
     assert int(ema.module[1].num_batches_tracked) == 1
     # Buffers are copies, not aliases.
@@ -283,7 +287,9 @@ def test_wrappers_unwrapped():
     _perturb(online)
     ema.update(FakeDDP(online))
     reference.update(online)
-    for (_, p), (_, q) in zip(ema.module.named_parameters(), reference.module.named_parameters()):
+    for (_, p), (_, q) in zip(
+        ema.module.named_parameters(), reference.module.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q)
     ema.update(FakeCompiled(FakeDDP(online)))
     assert ema.step == 2
@@ -362,7 +368,7 @@ def test_to_dtype_then_update_with_other_dtype_online():
 def test_copy_keeps_device_and_dtype():
     online = _mlp(torch.float32)
     ema = EMATarget(online, total_steps=10)
-    for p, q in zip(ema.parameters(), online.parameters()):
+    for p, q in zip(ema.parameters(), online.parameters(), strict=True):
         assert p.dtype == q.dtype and p.device == q.device
         assert p.data_ptr() != q.data_ptr()
 
@@ -380,7 +386,9 @@ def test_cuda_update_and_cpu_ema():
     o = _params(online)
     for n, p in ema.module.named_parameters():
         torch.testing.assert_close(p, 0.996 * start[n] + 0.004 * o[n])
-    for (_, p), (_, q) in zip(ema.module.named_parameters(), cpu_ema.module.named_parameters()):
+    for (_, p), (_, q) in zip(
+        ema.module.named_parameters(), cpu_ema.module.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(p.cpu(), q)
     assert int(ema.num_steps) == 1 and ema.step == 1
 

@@ -159,7 +159,8 @@ def block_shape(
     """Block height and width from scale and aspect ratio (the rule in the module docstring).
 
     Args:
-        scale: Float tensor of shape ``(...)``: fraction of the grid, in ``(0, 1]``.
+        scale: Float tensor of shape ``(...)``: fraction of the grid, in ``(0, 1]``. Cast to
+            float64 first (the sampler draws in float64).
         aspect_ratio: Float tensor of shape ``(...)``: height / width, ``> 0``.
         grid_size: The grid ``(gh, gw)`` the block lives on.
 
@@ -213,7 +214,7 @@ def _reachable_shapes(
             if lo < b < hi:
                 points.update((b, math.nextafter(b, -math.inf), math.nextafter(b, math.inf)))
     ordered = sorted(p for p in points if lo <= p <= hi)
-    ordered += [(x + y) / 2 for x, y in zip(ordered, ordered[1:])]
+    ordered += [(x + y) / 2 for x, y in zip(ordered, ordered[1:], strict=False)]
     shapes: dict[tuple[int, int], float] = {}
     for a in ordered:
         shapes.setdefault(_shape_scalar(keep, a, gh, gw), a)
@@ -247,8 +248,8 @@ class _Config:
 
     def describe(self) -> str:
         levels = ", ".join(
-            f"level {l} grid {g}: {s.num_blocks} x scale {s.scale} aspect {s.aspect_ratio}"
-            for l, (g, s) in enumerate(zip(self.level_grids, self.specs))
+            f"level {lvl} grid {g}: {s.num_blocks} x scale {s.scale} aspect {s.aspect_ratio}"
+            for lvl, (g, s) in enumerate(zip(self.level_grids, self.specs, strict=True))
         )
         return (
             f"grid {self.grid_size}, targets [{levels}], context scale {self.context_scale} "
@@ -298,11 +299,11 @@ def _build_config(
         n_levels = check_int("levels", levels, min_value=1, max_value=16)
         specs = tuple(
             TargetSpec(
-                num_blocks=max(1, num_targets // 2**l),
+                num_blocks=max(1, num_targets // 2**lvl),
                 scale=target_scale,
                 aspect_ratio=target_aspect_ratio,
             )
-            for l in range(n_levels)
+            for lvl in range(n_levels)
         )
     elif isinstance(levels, Sequence) and not isinstance(levels, (str, bytes)):
         if len(levels) == 0 or not all(isinstance(s, TargetSpec) for s in levels):
@@ -321,11 +322,11 @@ def _build_config(
                 f"target_aspect_ratio={target_aspect_ratio}"
             )
         specs = tuple(levels)
-        for l in range(1, len(specs)):
-            if specs[l].scale[1] < specs[l - 1].scale[1]:
+        for lvl in range(1, len(specs)):
+            if specs[lvl].scale[1] < specs[lvl - 1].scale[1]:
                 raise ValueError(
                     f"levels: the scale upper bound must be non-decreasing with the level, got "
-                    f"{specs[l - 1].scale[1]} at level {l - 1} and {specs[l].scale[1]} at level {l}"
+                    f"{specs[lvl - 1].scale[1]} at level {lvl - 1} and {specs[lvl].scale[1]} at level {lvl}"
                 )
         first, last = specs[0].scale, specs[-1].scale
         limit = _MAX_LEVEL_SCALE_GROWTH * (1 + 1e-9)
@@ -339,14 +340,14 @@ def _build_config(
         raise TypeError(
             f"levels must be an int >= 1 or a non-empty sequence of TargetSpec, got {levels!r}"
         )
-    level_grids = tuple(level_grid_size(grid, l) for l in range(len(specs)))
+    level_grids = tuple(level_grid_size(grid, lvl) for lvl in range(len(specs)))
 
     # -- feasibility: target blocks
     min_union = 0  # a lower bound on the level-0 footprint of all targets of a sample
-    for l, (spec, (gh, gw)) in enumerate(zip(specs, level_grids)):
+    for lvl, (spec, (gh, gw)) in enumerate(zip(specs, level_grids, strict=True)):
         if spec.num_blocks > gh * gw:
             raise ValueError(
-                f"levels: level {l} asks for {spec.num_blocks} target blocks on a {gh}x{gw} grid "
+                f"levels: level {lvl} asks for {spec.num_blocks} target blocks on a {gh}x{gw} grid "
                 f"(num_targets must be <= {gh * gw} there)"
             )
         shapes = _reachable_shapes(spec.scale[0], spec.aspect_ratio, gh, gw)
@@ -354,15 +355,12 @@ def _build_config(
         if bh * bw < min_target_tokens:
             raise ValueError(
                 f"min_target_tokens={min_target_tokens} can never be met: the smallest target "
-                f"block on level {l} (grid {gh}x{gw}, scale {spec.scale[0]}, aspect {a:.4g}) is "
+                f"block on level {lvl} (grid {gh}x{gw}, scale {spec.scale[0]}, aspect {a:.4g}) is "
                 f"{bh}x{bw} = {bh * bw} tokens; raise the target scale or lower min_target_tokens"
             )
         min_union = max(
             min_union,
-            min(
-                _footprint_extent(h, l, h0) * _footprint_extent(w, l, w0)
-                for h, w in shapes
-            ),
+            min(_footprint_extent(h, lvl, h0) * _footprint_extent(w, lvl, w0) for h, w in shapes),
         )
 
     # -- feasibility: context
@@ -383,7 +381,7 @@ def _build_config(
         )
 
     rows = [(*context_scale, *context_aspect_ratio, h0, w0)]
-    for spec, (gh, gw) in zip(specs, level_grids):
+    for spec, (gh, gw) in zip(specs, level_grids, strict=True):
         rows += [(*spec.scale, *spec.aspect_ratio, gh, gw)] * spec.num_blocks
     slots = torch.tensor(
         [(s0, s1 - s0, a0, a1 - a0, gh * gw, gh, gw) for s0, s1, a0, a1, gh, gw in rows],
@@ -409,7 +407,9 @@ def _build_config(
 def _draw_boxes(slots: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
     """Boxes ``(n, S, 4)`` as (top, left, h, w) for every slot: context, then targets."""
     # One uniform draw per sample, slot and quantity: (scale, aspect, top, left).
-    u = torch.rand(n, slots.shape[0], 4, generator=generator, device=slots.device, dtype=torch.float64)
+    u = torch.rand(
+        n, slots.shape[0], 4, generator=generator, device=slots.device, dtype=torch.float64
+    )
     s = slots[:, 0] + slots[:, 1] * u[..., 0]
     a = slots[:, 2] + slots[:, 3] * u[..., 1]
     gh, gw = slots[:, 5].long(), slots[:, 6].long()
@@ -421,32 +421,44 @@ def _draw_boxes(slots: torch.Tensor, n: int, generator: torch.Generator | None) 
     return torch.stack((top, left, h, w), dim=-1)
 
 
-def _box_masks(boxes: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    """Dense masks ``(..., gh, gw)`` of boxes ``(..., 4)`` by broadcasting row/col ranges."""
+def _row_col_masks(boxes: torch.Tensor, gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(..., gh)`` and columns ``(..., gw)`` that boxes ``(..., 4)`` span (bool)."""
     top, left, h, w = boxes.unbind(-1)
     rows = torch.arange(gh, device=boxes.device)
     cols = torch.arange(gw, device=boxes.device)
-    in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))  # (..., gh)
-    in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))  # (..., gw)
-    return in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)
+    in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))
+    in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))
+    return in_rows, in_cols
+
+
+def _covered(boxes: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Union of ``M`` boxes ``(n, M, 4)`` as a bool mask ``(n, gh * gw)``.
+
+    Box ``m`` is the outer product of its row and column indicators, so the number of
+    boxes covering each cell is ``rows^T @ cols`` summed over ``m``: one batched matmul
+    instead of materialising ``(n, M, gh, gw)``.
+    """
+    in_rows, in_cols = _row_col_masks(boxes, gh, gw)
+    dtype = torch.float32
+    count = torch.bmm(in_rows.to(dtype).transpose(1, 2), in_cols.to(dtype))  # (n, gh, gw)
+    return (count > 0).flatten(1)
 
 
 def _context_mask(cfg: _Config, boxes: torch.Tensor) -> torch.Tensor:
     """Context ``(n, H * W)``: context block minus the footprint of all target blocks."""
     h0, w0 = cfg.grid_size
-    n = boxes.shape[0]
-    # Slot 0 and the level-0 targets share the level-0 grid: one dense pass for both.
     m0 = cfg.specs[0].num_blocks
-    dense0 = _box_masks(boxes[:, : 1 + m0], h0, w0).reshape(n, 1 + m0, h0 * w0)
-    union = dense0[:, 1:].any(dim=1)
+    union = _covered(boxes[:, 1 : 1 + m0], h0, w0)
     start = 1 + m0
-    for l in range(1, len(cfg.specs)):
-        gh, gw = cfg.level_grids[l]
-        m = cfg.specs[l].num_blocks
-        cells = _box_masks(boxes[:, start : start + m], gh, gw).reshape(n, m, gh * gw).any(dim=1)
-        union = union | level_footprint(cells, cfg.grid_size, level=l)
+    for lvl in range(1, len(cfg.specs)):
+        gh, gw = cfg.level_grids[lvl]
+        m = cfg.specs[lvl].num_blocks
+        cells = _covered(boxes[:, start : start + m], gh, gw)
+        union = union | level_footprint(cells, cfg.grid_size, level=lvl)
         start += m
-    return dense0[:, 0] & ~union
+    in_rows, in_cols = _row_col_masks(boxes[:, 0], h0, w0)
+    block = (in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)).flatten(1)
+    return block & ~union
 
 
 def _box_indices(boxes: torch.Tensor, gh: int, gw: int) -> MaskIndices:
@@ -489,7 +501,9 @@ def _sample(
 ) -> MultiBlockMasks:
     batch_size = check_int("batch_size", batch_size, min_value=1)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     sample_device = generator.device if generator is not None else torch.device("cpu")
     slots = cfg.slots.to(sample_device)
 
@@ -520,7 +534,7 @@ def _sample(
     targets = []
     target_boxes = []
     start = 1
-    for spec, (gh, gw) in zip(cfg.specs, cfg.level_grids):
+    for spec, (gh, gw) in zip(cfg.specs, cfg.level_grids, strict=True):
         level_boxes = boxes[:, start : start + spec.num_blocks]
         target_boxes.append(level_boxes)
         targets.append(_box_indices(level_boxes, gh, gw))

@@ -209,7 +209,7 @@ class FPNNeck(nn.Module):
             ``L`` maps of shape ``(B, out_channels, H_i, W_i)``, in the input order.
         """
         maps = self._to_maps(features, grid_sizes)
-        laterals = [conv(x) for conv, x in zip(self.lateral, maps)]
+        laterals = [conv(x) for conv, x in zip(self.lateral, maps, strict=True)]
         merged: list[torch.Tensor] = [laterals[-1]] * self.num_levels
         running = laterals[-1]
         for i in range(self.num_levels - 2, -1, -1):
@@ -227,7 +227,7 @@ class FPNNeck(nn.Module):
             else:
                 running = self.fuse[i](torch.cat([lateral, up], dim=1))
             merged[i] = running
-        return [conv(p) for conv, p in zip(self.output, merged)]
+        return [conv(p) for conv, p in zip(self.output, merged, strict=True)]
 
     def extra_repr(self) -> str:
         return (

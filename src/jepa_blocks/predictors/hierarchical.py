@@ -118,7 +118,7 @@ def _pack_blocks(
     """
     q = max(t.shape[-1] for t in targets)
     ids, valid, level = [], [], []
-    for lvl, (t, off) in enumerate(zip(targets, offsets)):
+    for lvl, (t, off) in enumerate(zip(targets, offsets, strict=True)):
         pad = q - t.shape[-1]
         ids.append(F.pad(t.indices, (0, pad)) + off)
         valid.append(F.pad(t.valid, (0, pad), value=False))

@@ -72,7 +72,7 @@ def momentum_schedule(
         weight = t
     else:
         # (1 - cos(pi t)) / 2 written as sin^2(pi t / 2): same value, no cancellation near 0.
-        weight = math.sin(math.pi * t) ** 2
+        weight = math.sin(0.5 * math.pi * t) ** 2
     # Clamp away rounding so that the result stays in [start, end].
     return min(max(start + (end - start) * weight, start), end)
 
@@ -81,7 +81,7 @@ def _lerp_params(targets: list[torch.Tensor], onlines: list[torch.Tensor], weigh
     """``target += weight * (online - target)`` per pair; inputs already checked."""
     fast: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]]
     fast = {}
-    for t, o in zip(targets, onlines):
+    for t, o in zip(targets, onlines, strict=True):
         if not t.is_floating_point():
             t.copy_(o)  # integer "parameters" cannot be averaged: follow online.
         elif t.device == o.device and t.dtype == o.dtype:
@@ -94,7 +94,7 @@ def _lerp_params(targets: list[torch.Tensor], onlines: list[torch.Tensor], weigh
         if hasattr(torch, "_foreach_lerp_"):
             torch._foreach_lerp_(ts, os_, weight)
         else:  # pragma: no cover - very old torch
-            for t, o in zip(ts, os_):
+            for t, o in zip(ts, os_, strict=True):
                 t.lerp_(o, weight)
 
 
@@ -126,7 +126,7 @@ def ema_update_(
             f"online_params must have as many tensors as target_params ({len(target_params)}), "
             f"got {len(online_params)}"
         )
-    for i, (t, o) in enumerate(zip(target_params, online_params)):
+    for i, (t, o) in enumerate(zip(target_params, online_params, strict=True)):
         if t.shape != o.shape:
             raise ValueError(
                 f"online_params[{i}] must have the shape of target_params[{i}] "
@@ -280,7 +280,11 @@ class EMATarget(nn.Module):
 
     def _momentum_at(self, step: int) -> float:
         m = momentum_schedule(
-            step, total_steps=self.total_steps, start=self.start, end=self.end, schedule=self.schedule
+            step,
+            total_steps=self.total_steps,
+            start=self.start,
+            end=self.end,
+            schedule=self.schedule,
         )
         return m**self.update_every if self.compensate else m
 
@@ -317,7 +321,7 @@ class EMATarget(nn.Module):
             m = self._momentum_at(step)
             if m != 1.0:
                 _lerp_params([t for _, t in target_params], online_params, 1.0 - m)
-            for (_, t), o in zip(target_buffers, online_buffers):
+            for (_, t), o in zip(target_buffers, online_buffers, strict=True):
                 t.copy_(o)
         self.num_steps.add_(1)
         self._host_step = step + 1
@@ -332,4 +336,3 @@ class EMATarget(nn.Module):
             f"schedule={self.schedule!r}, update_every={self.update_every}, "
             f"compensate={self.compensate}"
         )
-

@@ -78,6 +78,13 @@ def hierarchical_targets(
         ``D_l = D`` for ``"pooled"``. Padded target slots hold the feature of cell 0;
         mask them with ``targets[l].valid``. Not detached, not normalised (see the module
         docstring).
+
+    Example:
+        >>> feats = torch.randn(2, 36, 16)                       # target encoder, 6 x 6 grid
+        >>> t0 = torch.tensor([[[0, 1, 6, 7]]]).expand(2, 1, 4)  # one 2 x 2 block of patches
+        >>> t1 = torch.tensor([[4, 5]]).expand(2, 2)            # two cells of the 3 x 3 grid
+        >>> [tuple(t.shape) for t in hierarchical_targets(feats, grid_size=6, targets=[t0, t1])]
+        [(2, 1, 4, 16), (2, 2, 16)]
     """
     source = check_choice("source", source, ("pooled", "layers"))
     grid = check_grid("grid_size", grid_size)
@@ -111,7 +118,7 @@ def hierarchical_targets(
         names = [f"features[{lvl}]" for lvl in range(num_levels)]
 
     batch = None
-    for name, fmap in zip(names, maps):
+    for name, fmap in zip(names, maps, strict=True):
         check_tensor(name, fmap, ndim=3, kind="float")
         if fmap.shape[1] != grid[0] * grid[1]:
             raise ValueError(
@@ -124,7 +131,7 @@ def hierarchical_targets(
             raise ValueError(f"{name} batch size {fmap.shape[0]} does not match features[0] batch size {batch}")
 
     outputs = []
-    for lvl, (fmap, t) in enumerate(zip(maps, targets)):
+    for lvl, (fmap, t) in enumerate(zip(maps, targets, strict=True)):
         lh, lw = level_grid_size(grid, lvl)
         ids = _target_ids(f"targets[{lvl}]", t, batch, lh * lw, (lh, lw), lvl)
         pooled = pool_grid_tokens(fmap, grid, level=lvl)  # (B, lh * lw, D_l)

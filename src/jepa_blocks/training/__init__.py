@@ -1,0 +1,42 @@
+"""Training utilities: schedules, optimizer parameter groups, crash-safe checkpoints.
+
+* :mod:`~jepa_blocks.training.schedules`: warmup-cosine learning rate, cosine weight-decay
+  ramp, and :class:`OptimizerScheduler`, which writes both into an optimizer.
+* :mod:`~jepa_blocks.training.param_groups`: decayed / not-decayed parameter groups.
+* :mod:`~jepa_blocks.training.checkpoint`: atomic save, checked load, best-N retention and
+  RNG state capture for an exact resume.
+"""
+
+from jepa_blocks.training.checkpoint import (
+    FORMAT_VERSION,
+    BestCheckpoints,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from jepa_blocks.training.param_groups import (
+    DEFAULT_NO_DECAY_NAMES,
+    is_no_decay,
+    param_groups_for_weight_decay,
+)
+from jepa_blocks.training.schedules import OptimizerScheduler, cosine_ramp, warmup_cosine
+
+__all__ = [
+    "BestCheckpoints",
+    "Checkpoint",
+    "CheckpointError",
+    "DEFAULT_NO_DECAY_NAMES",
+    "FORMAT_VERSION",
+    "OptimizerScheduler",
+    "cosine_ramp",
+    "is_no_decay",
+    "load_checkpoint",
+    "param_groups_for_weight_decay",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "warmup_cosine",
+]
