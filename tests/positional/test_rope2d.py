@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jepa_blocks.positional import RoPE2D, apply_rotary, rope_2d_angles
+from jepa_blocks.positional import RoPE2D, rope_2d_angles
 
 
 def _rotate_reference(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:

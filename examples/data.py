@@ -1,0 +1,152 @@
+"""Datasets for the example scripts: image folders, torchvision sets, embedded digits.
+
+Shared by ``train_hjepa.py`` and ``evaluate.py`` so that both carve the same stratified
+validation split from one folder (same seed, same fraction).
+
+Sources, in the order ``load_dataset`` tries them:
+- ``"digits"`` (the default when no data is given): scikit-learn's bundled 8x8 handwritten
+  digits (1,797 real images, 10 classes), upscaled to 32x32 RGB. Installs with
+  scikit-learn, so it needs no download.
+- ``"cifar10"``, ``"cifar100"``, ``"stl10"``: torchvision datasets read from ``root`` when
+  their files are present; ``download=True`` fetches them (needs internet).
+- anything else is read as an ``ImageFolder`` directory (``class/image.png``); labels are
+  only used for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a uint8 tensor ``(N, C, H, W)`` with labels ``(N,)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+        self.targets = labels.tolist()
+        self.classes = [str(c) for c in sorted(set(self.targets))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from torchvision.transforms.functional import to_pil_image
+
+        img = to_pil_image(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+def digits_dataset(size: int = 32) -> TensorImages:
+    """scikit-learn's 1,797 digits (8x8, 17 grey levels) as ``size`` px RGB uint8 images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (N, 8, 8) in [0, 1]
+    x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return TensorImages(x, torch.tensor(digits.target, dtype=torch.long))
+
+
+def load_dataset(source: str | None, *, root: str = "data", train: bool = True, download: bool = False):
+    """Return a dataset with ``targets`` (labels) and PIL images, without transforms."""
+    import torchvision
+
+    if source in (None, "", "digits"):
+        return digits_dataset()
+    name = source.lower()
+    if name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        return cls(root, train=train, download=download)
+    if name == "stl10":
+        ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
+        ds.targets = ds.labels.tolist()
+        return ds
+    if not os.path.isdir(source):
+        raise FileNotFoundError(
+            f"--data {source!r} is neither a directory nor one of digits, cifar10, cifar100, stl10"
+        )
+    return torchvision.datasets.ImageFolder(source)
+
+
+def stratified_split(labels: Sequence[int], *, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of a stratified ``(train, val)`` split: ``val_fraction`` of every class."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels_t = torch.as_tensor(list(labels))
+    train, val = [], []
+    for c in labels_t.unique().tolist():
+        idx = (labels_t == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        n_val = round(len(idx) * val_fraction)
+        val += idx[:n_val]
+        train += idx[n_val:]
+    return sorted(train), sorted(val)
+
+
+class WithTransform(Dataset):
+    """A view of ``dataset`` (optionally a subset of indices) with its own transform."""
+
+    def __init__(self, dataset, indices: Sequence[int] | None, transform) -> None:
+        self.base = Subset(dataset, list(indices)) if indices is not None else dataset
+        self.transform = transform
+        labels = dataset.targets
+        self.targets = [labels[i] for i in indices] if indices is not None else list(labels)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i]
+        if not hasattr(img, "convert"):
+            from torchvision.transforms.functional import to_pil_image
+
+            img = to_pil_image(img)
+        return self.transform(img.convert("RGB")), label
+
+
+def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3, 1.0), flip: bool = True):
+    """Minimal JEPA augmentation: random resized crop and horizontal flip, no colour jitter."""
+    from torchvision import transforms as T
+
+    ops = [T.RandomResizedCrop(img_size, scale=crop_scale, antialias=True)]
+    if flip:
+        ops.append(T.RandomHorizontalFlip())
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+def eval_transform(img_size: int):
+    """Resize (no crop) and normalise, for feature extraction."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [T.Resize((img_size, img_size), antialias=True), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_size: int, root: str = "data",
+                   download: bool = False):
+    """The pretraining set and (train, val) evaluation views of one source.
+
+    A folder (or digits) is split into stratified train/val parts with ``val_fraction``;
+    torchvision sets use their official test split for validation.
+    """
+    base = load_dataset(source, root=root, train=True, download=download)
+    if source and source.lower() in ("cifar10", "cifar100", "stl10"):
+        test = load_dataset(source, root=root, train=False, download=download)
+        train_idx, val_base, val_idx = None, test, None
+    else:
+        train_idx, val_idx = stratified_split(base.targets, val_fraction=val_fraction, seed=seed)
+        val_base = base
+    pretrain = WithTransform(base, train_idx, pretrain_transform(img_size))
+    eval_train = WithTransform(base, train_idx, eval_transform(img_size))
+    eval_val = WithTransform(val_base, val_idx, eval_transform(img_size))
+    return pretrain, eval_train, eval_val

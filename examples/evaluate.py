@@ -1,0 +1,160 @@
+"""Evaluate a JEPA encoder checkpoint: kNN, linear probe and feature-quality metrics.
+
+Commands (from the repository root):
+
+    # a trained run; the same folder for train and test is split exactly as in training
+    python examples/evaluate.py --checkpoint runs/cifar/last.pt \
+        --train-data ../shared/data/cifar10-5k/train --test-data ../shared/data/cifar10-5k/train \
+        --out runs/cifar/eval.json
+
+    # the baseline: the same architecture at random initialisation
+    python examples/evaluate.py --checkpoint runs/cifar/last.pt --train-data DIR --test-data DIR \
+        --out runs/cifar/eval-random.json --random-init
+
+Features are the average-pooled final tokens (after the last norm) of the TARGET (EMA)
+encoder by default, the usual choice for I-JEPA; ``--encoder context`` uses the online
+context encoder instead. ``--per-level`` adds, for each hierarchy level l, a spatial
+feature: the tokens pooled on the level-l grid (2^l x 2^l windows) and flattened.
+
+Metrics (accuracies are fractions in [0, 1]):
+- kNN: cosine similarity, temperature-weighted votes (T = 0.07), k in {10, 20, 200};
+  ``knn_top1`` is k = 20.
+- Linear probe: multinomial logistic regression on frozen, standardised features,
+  trained in torch; weight decay chosen on a split of the train features.
+- Feature quality: effective rank, rank ratio, per-dimension variance, uniformity,
+  isotropy (see ``jepa_blocks.evaluation``).
+
+When ``--train-data`` and ``--test-data`` are the same folder, the test set is the
+stratified validation split the trainer held out (same seed and fraction), and the kNN
+bank / probe training set is the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data import WithTransform, eval_transform, load_dataset, stratified_split  # noqa: E402
+
+from jepa_blocks import EMATarget, ViTEncoder  # noqa: E402
+from jepa_blocks.evaluation import (  # noqa: E402
+    collapse_stats,
+    extract_features,
+    isotropy,
+    knn_accuracy,
+    linear_probe,
+    pool_tokens,
+    uniformity,
+)
+from jepa_blocks.grid import level_grid_size, pool_grid_tokens  # noqa: E402
+from jepa_blocks.training import load_checkpoint  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="RUN/last.pt (or a best-*.pt) from train_hjepa.py")
+    p.add_argument("--train-data", default=None, help="image folder for the kNN bank / probe training (default: digits)")
+    p.add_argument("--test-data", default=None, help="image folder to evaluate on (same as train: held-out split)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--encoder", choices=("target", "context"), default="target",
+                   help="which encoder to evaluate: the EMA target (default) or the online context encoder")
+    p.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
+    p.add_argument("--per-level", action="store_true", help="also evaluate per-hierarchy-level spatial features")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_encoder(cfg: dict, ckpt: dict | None, which: str) -> ViTEncoder:
+    """The encoder of a training config, with trained weights unless ``ckpt`` is None."""
+    encoder = ViTEncoder(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
+                         depth=cfg["depth"], num_heads=cfg["num_heads"], pos_embed=cfg["pos_embed"])
+    if ckpt is not None:
+        if which == "target":
+            ema = EMATarget(encoder, total_steps=1)
+            ema.load_state_dict(ckpt["target"])
+            encoder = ema.module
+        else:
+            encoder.load_state_dict(ckpt["encoder"])
+    return encoder.eval()
+
+
+def datasets(args, cfg: dict):
+    """(bank, test) evaluation datasets; one folder is split as the trainer split it."""
+    tf = eval_transform(cfg["img_size"])
+    train_src, test_src = args.train_data, args.test_data
+    same = train_src == test_src or (train_src and test_src and os.path.realpath(train_src) == os.path.realpath(test_src))
+    base = load_dataset(train_src)
+    if same:
+        train_idx, test_idx = stratified_split(base.targets, val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+        return WithTransform(base, train_idx, tf), WithTransform(base, test_idx, tf)
+    return WithTransform(base, None, tf), WithTransform(load_dataset(test_src), None, tf)
+
+
+def evaluate_features(xtr, ytr, xte, yte, args) -> dict:
+    knn = knn_accuracy(xtr, ytr, xte, yte, k=tuple(args.k), temperature=args.temperature)
+    probe = linear_probe(xtr, ytr, xte, yte, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), seed=args.seed)
+    stats = collapse_stats(xtr)
+    out = {"knn_top1": knn.get(20, next(iter(knn.values())))}
+    out.update({f"knn_top1_k{k}": v for k, v in knn.items()})
+    out.update({"linear_top1": probe.top1, "linear_train_top1": probe.train_top1,
+                "uniformity": float(uniformity(xtr)), "isotropy": float(isotropy(xtr))})
+    out.update({k: float(v) for k, v in stats.items()})
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt["config"]
+    encoder = build_encoder(cfg, None if args.random_init else ckpt, args.encoder).to(device)
+    bank, test = datasets(args, cfg)
+    loaders = [DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers) for ds in (bank, test)]
+    levels = cfg.get("levels", 1) if args.per_level else 0
+
+    # 1. Features: average-pooled final tokens (+ per-level spatial features).
+    def embed(images):
+        tokens = encoder(images).tokens.float()
+        feats = [pool_tokens(tokens)]
+        grid = encoder.grid_size_for(images)
+        for level in range(levels):
+            feats.append(pool_grid_tokens(tokens, grid, level=level).flatten(1))
+        return torch.cat(feats, dim=1)
+
+    xtr, ytr = extract_features(embed, loaders[0], device=device)
+    xte, yte = extract_features(embed, loaders[1], device=device)
+    dim = cfg["embed_dim"]
+
+    # 2. Metrics on the pooled features, then per level.
+    result = {"checkpoint": args.checkpoint, "encoder": "random-init" if args.random_init else args.encoder,
+              "train_images": len(bank), "test_images": len(test), "step": ckpt.get("step"),
+              **evaluate_features(xtr[:, :dim], ytr, xte[:, :dim], yte, args)}
+    offset = dim
+    for level in range(levels):
+        lh, lw = level_grid_size(encoder.default_grid, level)
+        width = lh * lw * dim
+        sl = slice(offset, offset + width)
+        result[f"level{level}"] = evaluate_features(xtr[:, sl], ytr, xte[:, sl], yte, args)
+        offset += width
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

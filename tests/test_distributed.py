@@ -1,0 +1,139 @@
+"""Tests for jepa_blocks.distributed: identity without a group, 2-process gloo semantics."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from jepa_blocks.distributed import (
+    all_reduce_with_grad,
+    gather_with_grad,
+    is_distributed,
+    world_size,
+)
+
+# ---- single process ----------------------------------------------------------------------
+
+
+def test_helpers_without_process_group():
+    assert not dist.is_initialized()
+    assert world_size() == 1
+    assert not is_distributed()
+
+
+def test_gather_and_all_reduce_are_identity_without_group():
+    x = torch.randn(5, 3, requires_grad=True)
+    assert gather_with_grad(x) is x
+    assert all_reduce_with_grad(x) is x
+    (gather_with_grad(x) * 2).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_bad_inputs_name_argument():
+    with pytest.raises(TypeError, match="x"):
+        gather_with_grad([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="x"):
+        gather_with_grad(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="x"):
+        all_reduce_with_grad(3.0)  # type: ignore[arg-type]
+
+
+# ---- two gloo processes ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, *args, world: int = 2, timeout: float = 60.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; fail on timeout."""
+    # fork: workers inherit this module, so nothing has to be importable by name (pytest
+    # runs with --import-mode=importlib) and no second torch import is paid.
+    ctx = mp.start_processes(
+        _entry,
+        args=(world, _free_port(), fn, args),
+        nprocs=world,
+        join=False,
+        start_method="fork",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            pytest.fail(f"gloo workers did not finish within {timeout} s")
+
+
+_SIZES = (3, 5)  # unequal local batch sizes of rank 0 and rank 1
+
+
+def _worker_collectives(rank: int, world: int) -> None:
+    assert is_distributed() and world_size() == world
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(sum(_SIZES), 4, generator=gen, dtype=torch.float64)
+    weights = torch.randn(sum(_SIZES), 4, generator=gen, dtype=torch.float64)
+    start = sum(_SIZES[:rank])
+    local = full[start : start + _SIZES[rank]].clone().requires_grad_(True)
+
+    # Forward: every rank sees the rank-ordered concatenation.
+    gathered = gather_with_grad(local)
+    assert gathered.shape == full.shape
+    torch.testing.assert_close(gathered, full, rtol=0, atol=0)
+
+    # Backward: grad(local) = world * d(global loss)/d(local) for a non-linear global loss.
+    loss = (weights * gathered.square()).sum() + gathered.sum().square()
+    loss.backward()
+    ref = full.clone().requires_grad_(True)
+    ((weights * ref.square()).sum() + ref.sum().square()).backward()
+    expected = world * ref.grad[start : start + _SIZES[rank]]
+    torch.testing.assert_close(local.grad, expected, rtol=1e-12, atol=1e-12)
+
+    # all_reduce_with_grad: forward sum, backward sum of the ranks' gradients.
+    y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    s = all_reduce_with_grad(y)
+    torch.testing.assert_close(s, torch.full((3,), 3.0, dtype=torch.float64))
+    (s * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(y.grad, world * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+    # Mismatched trailing shapes fail loudly on every rank.
+    bad = torch.zeros(2, 4 + rank)
+    try:
+        gather_with_grad(bad)
+    except ValueError as err:
+        assert "same shape" in str(err)
+    else:
+        raise AssertionError("mismatched trailing shapes were not rejected")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not dist.is_available() or "fork" not in multiprocessing.get_all_start_methods(),
+    reason="needs torch.distributed and the fork start method",
+)
+def test_gloo_gather_unequal_sizes_and_gradient_convention():
+    run_gloo(_worker_collectives)
