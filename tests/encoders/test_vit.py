@@ -91,7 +91,7 @@ def test_gradient_checkpointing_same_values_and_grads():
     torch.testing.assert_close(ya, yb)
     ya.square().sum().backward()
     yb.square().sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
 
 
