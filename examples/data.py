@@ -112,15 +112,30 @@ class WithTransform(Dataset):
         return self.transform(img.convert("RGB")), label
 
 
-def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3, 1.0), flip: bool = True):
-    """Minimal JEPA augmentation: random resized crop and horizontal flip, no colour jitter."""
+class MultiView:
+    """Apply ``transform`` ``views`` times to one image: a tensor ``(views, C, H, W)``."""
+
+    def __init__(self, transform, views: int) -> None:
+        self.transform, self.views = transform, views
+
+    def __call__(self, img):
+        return torch.stack([self.transform(img) for _ in range(self.views)])
+
+
+def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
+                       views: int = 1):
+    """Minimal JEPA augmentation: random resized crop and horizontal flip, no colour jitter.
+
+    With ``views > 1`` each image yields that many independent crops, stacked.
+    """
     from torchvision import transforms as T
 
     ops = [T.RandomResizedCrop(img_size, scale=crop_scale, antialias=True)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
+    transform = T.Compose(ops)
+    return MultiView(transform, views) if views > 1 else transform
 
 
 def eval_transform(img_size: int):
@@ -133,7 +148,7 @@ def eval_transform(img_size: int):
 
 
 def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_size: int, root: str = "data",
-                   download: bool = False):
+                   download: bool = False, views: int = 1, crop_scale: tuple[float, float] = (0.3, 1.0)):
     """The pretraining set and (train, val) evaluation views of one source.
 
     A folder (or digits) is split into stratified train/val parts with ``val_fraction``;
@@ -146,7 +161,7 @@ def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_si
     else:
         train_idx, val_idx = stratified_split(base.targets, val_fraction=val_fraction, seed=seed)
         val_base = base
-    pretrain = WithTransform(base, train_idx, pretrain_transform(img_size))
+    pretrain = WithTransform(base, train_idx, pretrain_transform(img_size, views=views, crop_scale=crop_scale))
     eval_train = WithTransform(base, train_idx, eval_transform(img_size))
     eval_val = WithTransform(val_base, val_idx, eval_transform(img_size))
     return pretrain, eval_train, eval_val

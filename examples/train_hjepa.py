@@ -118,6 +118,8 @@ class Config:
     loss: str = "smooth_l1"
     reg: str = "none"  # none | sigreg | vicreg
     reg_weight: float = 0.0  # 0: the regulariser's default (sigreg 0.005, vicreg 0.01)
+    views: int = 1  # 2: a second crop whose pooled target features the vicreg term is matched to
+    crop_scale: tuple[float, float] = (0.3, 1.0)
     # optimisation
     batch_size: int = 128
     accum_steps: int = 1
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Data: a stratified validation split is carved from the folder (labels only for eval).
     pretrain_set, eval_train_set, eval_val_set = split_datasets(
         cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, img_size=cfg.img_size,
-        root=cfg.data_root, download=cfg.download and master)
+        root=cfg.data_root, download=cfg.download and master, views=cfg.views, crop_scale=cfg.crop_scale)
     encoder, predictor, masker = build_models(cfg, device)
     sampler = DistributedSampler(pretrain_set, num_replicas=world, rank=rank, seed=cfg.seed, drop_last=True) \
         if world > 1 else None
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
         micro = 0
         for (images, _labels), masks in loader:
             images, masks = images.to(device, non_blocking=True), masks.to(device)
+            other_view = None
+            if images.ndim == 5:  # (B, views, C, H, W): JEPA on the first crop
+                images, other_view = images[:, 0], images[:, 1]
             # 4a. Targets: EMA encoder on every patch, pooled per hierarchy level.
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 with torch.no_grad():
@@ -380,7 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if cfg.reg == "sigreg":
                     reg = regulariser((pooled - pooled.mean(0)) / (pooled.std(0) + 1e-4))
                 else:
-                    reg = regulariser(pooled, pool_tokens(full.tokens.float()))[0]
+                    other = full
+                    if other_view is not None:
+                        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                            other = target(other_view)
+                    reg = regulariser(pooled, pool_tokens(other.tokens.float()))[0]
                 terms["reg"] = reg.detach()
                 loss = loss + reg_weight * reg
             scaler.scale(loss / cfg.accum_steps).backward()
@@ -400,15 +409,17 @@ def main(argv: list[str] | None = None) -> dict:
             momentum = target.momentum
             target.update(encoder)
             step += 1
-            # With a time budget, fit the schedules (lr, wd, EMA) to the steps the budget allows,
-            # measured over steps 10-30 of this run; the estimate is kept in the checkpoint.
-            if math.isfinite(budget_s) and not cfg.resume and step == first_step + 10:
+            # With a time budget, the schedules (lr, wd, EMA) are fitted to the steps the
+            # budget allows: every 10 steps, total_steps is re-estimated from the mean wall-clock
+            # time per step since step 10 of this run (robust to a busy machine).
+            if math.isfinite(budget_s) and step == first_step + 10:
                 t_calib = elapsed()
-            if t_calib is not None and step == first_step + 30:
-                per_step = (elapsed() - t_calib) / 20
-                fitted = step + int(0.97 * (budget_s - elapsed()) / per_step)
-                total_steps = max(step + 1, min(total_steps, fitted))
+            if t_calib is not None and step >= first_step + 20 and step % 10 == 0:
+                per_step = (elapsed() - t_calib) / (step - first_step - 10)
+                fitted = step + max(1, int((budget_s - elapsed()) / per_step))
+                total_steps = min(fitted, steps_per_epoch * cfg.epochs, cfg.max_steps or fitted)
                 scheduler.total_steps = target.total_steps = total_steps
+                scheduler.warmup_steps = min(cfg.warmup_steps, total_steps // 8)
                 if progress is not None:
                     progress.total = total_steps
             if progress is not None:

@@ -293,7 +293,7 @@ class ViTEncoder(nn.Module):
             img_size: Image size for this encoder.
             patch_size: Patch size for this encoder (overrides the name's).
             pretrained: Load timm's pretrained weights (download).
-            **kwargs: Other ``ViTEncoder`` arguments (``pos_embed``, ``drop_path_rate``,
+            **kwargs (Any): Other ``ViTEncoder`` arguments (``pos_embed``, ``drop_path_rate``,
                 ``grad_checkpointing``, ``out_layers``, ...).
 
         Example:

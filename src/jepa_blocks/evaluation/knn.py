@@ -216,8 +216,12 @@ def knn_accuracy(
         train_labels: Bank labels of shape ``(N,)``.
         query_features: Query features of shape ``(M, D)``.
         query_labels: True query labels of shape ``(M,)``.
-        k, temperature, num_classes, center, chunk_size: As in :func:`knn_classify`;
-            ``num_classes=None`` infers ``max(train_labels, query_labels) + 1``.
+        k: As in :func:`knn_classify`.
+        temperature: As in :func:`knn_classify`.
+        num_classes: As in :func:`knn_classify`; ``None`` infers
+            ``max(train_labels, query_labels) + 1``.
+        center: As in :func:`knn_classify`.
+        chunk_size: As in :func:`knn_classify`.
 
     Returns:
         ``{k: accuracy}`` with accuracies as fractions in ``[0, 1]``.

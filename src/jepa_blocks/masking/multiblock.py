@@ -18,13 +18,14 @@ placement: ``top`` in ``{0, ..., gh - h}`` and ``left`` in ``{0, ..., gw - w}``,
 inclusive, so every patch, corners and last row/column included, can be covered.
 
 Differences from the official I-JEPA collator (facebookresearch/ijepa), on purpose:
-    * scale and aspect are independent draws (I-JEPA uses one draw for both);
-    * each sample and each block gets its own size (I-JEPA: one size per batch);
-    * ``keep`` is not floored and blocks are not shrunk below the grid size;
-    * placements include the last row and column (I-JEPA PR 40: exclusive upper bound);
-    * index lists are padded with a validity mask instead of cut to the batch minimum
-      (I-JEPA issue 60), and the optional cut drops random tokens, not the bottom-right;
-    * impossible specs raise at construction and rejection is bounded (issue 68 hangs).
+
+* scale and aspect are independent draws (I-JEPA uses one draw for both);
+* each sample and each block gets its own size (I-JEPA: one size per batch);
+* ``keep`` is not floored and blocks are not shrunk below the grid size;
+* placements include the last row and column (I-JEPA PR 40: exclusive upper bound);
+* index lists are padded with a validity mask instead of cut to the batch minimum
+  (I-JEPA issue 60), and the optional cut drops random tokens, not the bottom-right;
+* impossible specs raise at construction and rejection is bounded (issue 68 hangs).
 
 Hierarchy. Level ``l`` lives on the grid ``level_grid_size(grid, l)`` (``2**l`` pooling,
 ceil mode). Its target blocks are sampled on that grid with the same rule, so a scale
@@ -633,7 +634,7 @@ class MultiBlockMasker:
     ``device`` moves the result. Same generator state, same masks.
 
     Returns:
-        ``MultiBlockMasks``: ``context`` of shape ``(B, Kc)`` (level-0 ids), ``targets[l]`` of
+        (MultiBlockMasks): ``context`` of shape ``(B, Kc)`` (level-0 ids), ``targets[l]`` of
         shape ``(B, M_l, K_l)`` (level-``l`` ids), plus the sampled boxes.
 
     Example:
