@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, trained_s = ckpt["step"], ckpt["epoch"], ckpt["trained_s"]
-        total_steps = scheduler.total_steps = target.total_steps = ckpt["total_steps"]
+        if cfg.time_budget_min > 0:  # keep the fitted schedule until it is re-fitted below
+            total_steps = max(ckpt["total_steps"], step + 1)
+        scheduler.total_steps = target.total_steps = total_steps
         set_rng_state(ckpt["rng"])
         if master:
             print(f"resumed from {last_path} at step {step} (epoch {epoch})")
