@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> str:
         with open(os.path.join(run, "metrics.jsonl")) as fh:
             val = [r for r in map(json.loads, fh) if r.get("val")]
         ax.plot([r["time_min"] for r in val], [100 * r["knn_top1"] for r in val], marker="o",
-                label=f"{os.path.basename(os.path.normpath(run))} (EMA target encoder)")
+                label=f"{os.path.basename(os.path.normpath(run))} ({val[-1].get('encoder', 'context')} encoder)")
     if args.random_init:
         with open(args.random_init) as fh:
             base = json.load(fh)["knn_top1"]

@@ -246,7 +246,11 @@ def build_regulariser(cfg: Config, distributed: bool):
 
 @torch.no_grad()
 def validation_knn(encoder, train_loader, val_loader, device, amp) -> dict[str, float]:
-    """kNN top-1 (k=20, cosine, T=0.07) of average-pooled tokens on the validation split."""
+    """kNN top-1 (k=20, cosine, T=0.07) of average-pooled tokens on the validation split.
+
+    The trainer passes the online context encoder (the network being optimised); the final
+    evaluation and ``evaluate.py`` default to the EMA target encoder.
+    """
     was_training = encoder.training
     encoder.eval()
 
@@ -461,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
             if step % eval_every == 0 or step >= total_steps:
                 if master:
                     val = validation_knn(unwrap(encoder), *eval_loaders, device, amp)
-                    write_jsonl(metrics_path, {"step": step, "val": True, "time_min": elapsed() / 60, **val})
+                    write_jsonl(metrics_path, {"step": step, "val": True, "encoder": "context",
+                                               "time_min": elapsed() / 60, **val})
                     if writer is not None:
                         writer.add_scalar("val/knn_top1", val["knn_top1"], step)
                     state = training_state()
