@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from jepa_blocks.distributed import (
     all_reduce_with_grad,
@@ -46,47 +40,6 @@ def test_bad_inputs_name_argument():
 
 
 # ---- two gloo processes ------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_gloo(fn, *args, world: int = 2, timeout: float = 60.0) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; fail on timeout."""
-    # fork: workers inherit this module, so nothing has to be importable by name (pytest
-    # runs with --import-mode=importlib) and no second torch import is paid.
-    ctx = mp.start_processes(
-        _entry,
-        args=(world, _free_port(), fn, args),
-        nprocs=world,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):  # re-raises a worker's exception
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.terminate()
-            pytest.fail(f"gloo workers did not finish within {timeout} s")
 
 
 _SIZES = (3, 5)  # unequal local batch sizes of rank 0 and rank 1
@@ -131,9 +84,5 @@ def _worker_collectives(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not dist.is_available() or "fork" not in multiprocessing.get_all_start_methods(),
-    reason="needs torch.distributed and the fork start method",
-)
-def test_gloo_gather_unequal_sizes_and_gradient_convention():
+def test_gloo_gather_unequal_sizes_and_gradient_convention(run_gloo):
     run_gloo(_worker_collectives)

@@ -110,4 +110,4 @@ def test_plot_run_writes_pngs(trained_run, image_folder):
 def test_quickstart_runs():
     quick = _load("quickstart")
     losses = quick.main(steps=2, batch_size=4)
-    assert len(losses) == 2 and all(l == l for l in losses)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)  # no NaN

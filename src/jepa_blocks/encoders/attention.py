@@ -20,7 +20,7 @@ from torch import nn
 from jepa_blocks._checks import check_bool, check_float, check_int
 from jepa_blocks.positional.rope2d import apply_rotary
 
-__all__ = ["Attention", "TransformerBlock", "attention_mask_from_valid"]
+__all__ = ["Attention", "TransformerBlock", "attention_mask_from_valid", "transformer_stack"]
 
 
 def attention_mask_from_valid(valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -185,6 +185,33 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+def transformer_stack(
+    dim: int,
+    *,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    drop_path_rate: float = 0.0,
+    layer_scale_init: float | None = None,
+    fused_attn: bool = True,
+) -> nn.ModuleList:
+    """``depth`` pre-norm blocks with stochastic depth rising linearly from 0 to ``drop_path_rate``."""
+    rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
+    return nn.ModuleList(
+        TransformerBlock(
+            dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path=rate,
+            layer_scale_init=layer_scale_init,
+            fused_attn=fused_attn,
+        )
+        for rate in rates
+    )
 
 
 def init_transformer_weights(module: nn.Module, *, std: float = 0.02) -> None:

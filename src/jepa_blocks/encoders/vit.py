@@ -26,10 +26,10 @@ from jepa_blocks._checks import (
     check_tensor,
 )
 from jepa_blocks.encoders.attention import (
-    TransformerBlock,
     attention_mask_from_valid,
     init_transformer_weights,
     rescale_residual_branches,
+    transformer_stack,
 )
 from jepa_blocks.grid import token_positions
 from jepa_blocks.masking.indices import MaskIndices, gather_tokens
@@ -139,18 +139,15 @@ class ViTEncoder(nn.Module):
             strict_img_size=False,
         )
         self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta) if pos_embed == "rope" else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop_path=rate,
-                layer_scale_init=layer_scale_init,
-                fused_attn=fused_attn,
-            )
-            for rate in rates
+        self.blocks = transformer_stack(
+            embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+            fused_attn=fused_attn,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(init_transformer_weights)

@@ -43,10 +43,10 @@ from jepa_blocks._checks import (
     check_tensor,
 )
 from jepa_blocks.encoders.attention import (
-    TransformerBlock,
     attention_mask_from_valid,
     init_transformer_weights,
     rescale_residual_branches,
+    transformer_stack,
 )
 from jepa_blocks.grid import level_grid_size, token_positions
 from jepa_blocks.masking.indices import MaskIndices
@@ -232,18 +232,15 @@ class HierarchicalPredictor(nn.Module):
 
         self.predictor_embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_tokens = nn.Parameter(torch.zeros(self.num_levels, predictor_dim))
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                predictor_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop_path=rate,
-                layer_scale_init=layer_scale_init,
-                fused_attn=fused_attn,
-            )
-            for rate in rates
+        self.blocks = transformer_stack(
+            predictor_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+            fused_attn=fused_attn,
         )
         self.norm = nn.LayerNorm(predictor_dim, eps=1e-6)
         self.heads = nn.ModuleList(nn.Linear(predictor_dim, d) for d in self.out_dims)

@@ -1,4 +1,4 @@
-"""Fixtures for the loss tests: a two-process gloo runner."""
+"""Shared test fixtures: a two-process gloo runner (losses, distributed collectives)."""
 
 from __future__ import annotations
 
