@@ -74,11 +74,11 @@ def test_losses_section_keys_with_reference_ratios():
     for name in ("sigreg", "vicreg"):
         _positive(res, f"losses.{name}.ratio")
         _positive(res, f"losses.{name}.ratio_same_run")
-    chunk = "losses.sigreg.k256.d192.chunk64"
-    _positive(res, f"{chunk}.ms")
-    _positive(res, f"{chunk}.peak_mb")
-    _positive(res, f"{chunk}.unchunked_peak_mb")
-    assert res[f"{chunk}.rel_diff"] < 1e-4
+    for n, d in TINY.sigreg_chunk_cases:
+        chunk = f"losses.sigreg.k256.d{d}.n{n}.chunk64"
+        for what in ("ms", "unchunked_ms", "peak_mb", "unchunked_peak_mb", "peak_ratio"):
+            _positive(res, f"{chunk}.{what}")
+        assert res[f"{chunk}.rel_diff"] < 1e-4
     assert res["losses.sigreg.baseline_rel_diff"] < 1e-10
     assert res["losses.vicreg.baseline_rel_diff"] < 1e-10
 
