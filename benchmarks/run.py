@@ -2,8 +2,8 @@
 
 Commands (from the repository root):
 
-    python benchmarks/run.py                          # everything, ~5 min on 2 CPU cores
-    python benchmarks/run.py --quick                  # smoke run, about a minute
+    python benchmarks/run.py                          # everything, ~4 min on 2 CPU cores
+    python benchmarks/run.py --quick                  # smoke run, under a minute
     python benchmarks/run.py --only losses,encoder    # some sections
     python benchmarks/run.py --json out.json --no-compile --threads 2
 
@@ -144,7 +144,7 @@ class Sizes:
     matmul_n: int = 2048
     matmul_n_cuda: int = 8192
     matmul_reps: int = 5
-    compile_warmup: int = 4
+    compile_warmup: int = 6  # recompilations for new mask sizes settle after ~5 steps
     compile_timeout_s: float = 420.0
 
 
@@ -966,8 +966,8 @@ def _format_step(r: Results, sizes: Sizes) -> list[str]:
         f"{_fmt(r['train_step.achieved_gflops'])} GFLOP/s; matmul {r['train_step.matmul_n']}^3: "
         f"fp32 {_fmt(r['train_step.matmul_fp32_gflops'])}, bf16 "
         f"{_fmt(r['train_step.matmul_bf16_gflops'])} GFLOP/s",
-        f"  MFU {_fmt(r['train_step.mfu'], 2)} (fp32 {_fmt(r['train_step.mfu_fp32'], 2)}, "
-        f"bf16 {_fmt(r['train_step.mfu_bf16'], 2)})",
+        f"  MFU {_fmt(r['train_step.mfu'], 2)}: vs fp32 matmul {_fmt(r['train_step.mfu_fp32'], 2)} "
+        f"(bf16 autocast can exceed 1), vs bf16 matmul {_fmt(r['train_step.mfu_bf16'], 2)}",
         f"  peak {_fmt(r['train_step.peak_mb'])} MiB above the "
         f"{_fmt(r['train_step.static_mb'])} MiB of weights, grads, AdamW state and EMA copy",
     ]
@@ -981,6 +981,13 @@ def _format_step(r: Results, sizes: Sizes) -> list[str]:
                 f"compilation {_fmt(r['train_step.compile_warmup_s'])} s)"
             )
     return lines
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def meta(sizes: Sizes, threads: int, devices: list[torch.device]) -> dict:
@@ -1056,6 +1063,13 @@ def main(argv: list[str] | None = None) -> Results:
 
     results: Results = {}
     failed = []
+    load_start = _load_average()
+    if load_start is not None and load_start > 0.5:
+        print(
+            f"warning: 1-minute load average {load_start:.2f} before the run: other processes "
+            "are using the CPU and will distort the timings",
+            flush=True,
+        )
     start = time.perf_counter()
     for device in devices:
         for name in names:
@@ -1078,6 +1092,8 @@ def main(argv: list[str] | None = None) -> Results:
             print(f"[{device.type}] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     info = meta(sizes, args.threads, devices)
     info["total_s"] = time.perf_counter() - start
+    info["loadavg_1min_start"] = load_start
+    info["loadavg_1min_end"] = _load_average()
     info["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print(format_report(results, sizes, args.threads))
