@@ -246,11 +246,10 @@ def build_regulariser(cfg: Config, distributed: bool):
 
 
 @torch.no_grad()
-def validation_knn(encoder, train_loader, val_loader, device, amp) -> dict[str, float]:
-    """kNN top-1 (k=20, cosine, T=0.07) of average-pooled tokens on the validation split.
+def pooled_features(encoder, loaders, device, amp) -> list[torch.Tensor]:
+    """Average-pooled final tokens and labels of each loader: ``[x0, y0, x1, y1, ...]``.
 
-    The trainer passes the online context encoder (the network being optimised); the final
-    evaluation and ``evaluate.py`` default to the EMA target encoder.
+    Runs ``encoder`` in eval mode and restores its previous mode afterwards.
     """
     was_training = encoder.training
     encoder.eval()
@@ -258,9 +257,18 @@ def validation_knn(encoder, train_loader, val_loader, device, amp) -> dict[str, 
     def embed(images):
         return pool_tokens(encoder(images).tokens.float())
 
-    xtr, ytr = extract_features(embed, train_loader, device=device, amp_dtype=amp)
-    xva, yva = extract_features(embed, val_loader, device=device, amp_dtype=amp)
+    out = [t for loader in loaders for t in extract_features(embed, loader, device=device, amp_dtype=amp)]
     encoder.train(was_training)
+    return out
+
+
+def validation_knn(encoder, train_loader, val_loader, device, amp) -> dict[str, float]:
+    """kNN top-1 (k=20, cosine, T=0.07) of average-pooled tokens on the validation split.
+
+    The trainer passes the online context encoder (the network being optimised); the final
+    evaluation and ``evaluate.py`` default to the EMA target encoder.
+    """
+    xtr, ytr, xva, yva = pooled_features(encoder, (train_loader, val_loader), device, amp)
     acc = knn_accuracy(xtr, ytr, xva, yva, k=(20,), temperature=0.07)
     return {"knn_top1": acc[20]}
 
@@ -502,16 +510,9 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-@torch.no_grad()
 def evaluate_encoder(encoder, train_loader, val_loader, device, amp) -> dict:
     """kNN (k = 10, 20, 200) and a linear probe on average-pooled final tokens."""
-    encoder.eval()
-
-    def embed(images):
-        return pool_tokens(encoder(images).tokens.float())
-
-    xtr, ytr = extract_features(embed, train_loader, device=device, amp_dtype=amp)
-    xva, yva = extract_features(embed, val_loader, device=device, amp_dtype=amp)
+    xtr, ytr, xva, yva = pooled_features(encoder, (train_loader, val_loader), device, amp)
     knn = knn_accuracy(xtr, ytr, xva, yva, k=(10, 20, 200), temperature=0.07)
     probe = linear_probe(xtr, ytr, xva, yva, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1))
     stats = collapse_stats(xtr)

@@ -261,7 +261,7 @@ class ViTEncoder(nn.Module):
             if i in layers:
                 collected[i] = x
         out = [collected[i] for i in layers]
-        if valid is not None and bool(valid.all()):
+        if attn_mask is None:  # no padding: report every token as real
             valid = None
         return EncoderOutput(self.norm(x), out, valid, (h, w))
 
