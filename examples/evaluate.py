@@ -1,4 +1,4 @@
-"""Evaluate a JEPA encoder checkpoint: kNN, linear probe and feature-quality metrics.
+"""Evaluate a JEPA encoder checkpoint: kNN, linear probe, few-shot, fine-tuning, feature quality.
 
 Commands (from the repository root):
 
@@ -10,6 +10,10 @@ Commands (from the repository root):
     # the baseline: the same architecture at random initialisation
     python examples/evaluate.py --checkpoint runs/cifar/last.pt --train-data DIR --test-data DIR \
         --out runs/cifar/eval-random.json --random-init
+
+    # add 5-way 1/5-shot episodes and 10 epochs of end-to-end fine-tuning
+    python examples/evaluate.py --checkpoint runs/cifar/last.pt --train-data DIR --test-data DIR \
+        --out runs/cifar/eval-full.json --few-shot --finetune --finetune-epochs 10
 
 Features are the average-pooled final tokens (after the last norm) of the TARGET (EMA)
 encoder by default, the usual choice for I-JEPA; ``--encoder context`` uses the online
@@ -23,6 +27,13 @@ Metrics (accuracies are fractions in [0, 1]):
   trained in torch; weight decay chosen on a split of the train features.
 - Feature quality: effective rank, rank ratio, per-dimension variance, uniformity,
   isotropy (see ``jepa_blocks.evaluation``).
+- ``--few-shot``: N-way K-shot episodes drawn from the TEST features, nearest centred
+  cosine prototype; ``fewshot_{N}way_{K}shot`` is the mean accuracy over episodes and
+  ``..._ci95`` the 95% confidence half-width (1.96 std / sqrt(episodes)).
+- ``--finetune``: a copy of the encoder plus a linear head trained end to end on the
+  train images (random resized crop + flip) with AdamW (separate encoder / head learning
+  rates, optional layer-wise decay, warmup + cosine); ``finetune_top1`` is the test top-1
+  after the last epoch, ``finetune.history`` the per-epoch record.
 
 When ``--train-data`` and ``--test-data`` are the same folder, the test set is the
 stratified validation split the trainer held out (same seed and fraction), and the kNN
@@ -40,12 +51,20 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import WithTransform, eval_transform, load_dataset, stratified_split  # noqa: E402
+from data import (  # noqa: E402
+    WithTransform,
+    eval_transform,
+    load_dataset,
+    pretrain_transform,
+    stratified_split,
+)
 
 from jepa_blocks import EMATarget, ViTEncoder  # noqa: E402
 from jepa_blocks.evaluation import (  # noqa: E402
     collapse_stats,
     extract_features,
+    few_shot_accuracy,
+    finetune,
     isotropy,
     knn_accuracy,
     linear_probe,
@@ -72,6 +91,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    fs = p.add_argument_group("few-shot episodes (on the test features)")
+    fs.add_argument("--few-shot", action="store_true", help="add N-way K-shot nearest-prototype accuracy")
+    fs.add_argument("--few-shot-way", type=int, default=5, help="classes per episode")
+    fs.add_argument("--few-shot-shots", type=int, nargs="+", default=[1, 5], help="support images per class")
+    fs.add_argument("--few-shot-query", type=int, default=15, help="query images per class")
+    fs.add_argument("--few-shot-episodes", type=int, default=600)
+    ft = p.add_argument_group("end-to-end fine-tuning")
+    ft.add_argument("--finetune", action="store_true", help="fine-tune a copy of the encoder with a linear head")
+    ft.add_argument("--finetune-epochs", type=int, default=10)
+    ft.add_argument("--finetune-encoder-lr", type=float, default=1e-4)
+    ft.add_argument("--finetune-head-lr", type=float, default=1e-3)
+    ft.add_argument("--finetune-weight-decay", type=float, default=0.05)
+    ft.add_argument("--finetune-layer-decay", type=float, default=None, help="e.g. 0.75; default: none")
+    ft.add_argument("--finetune-warmup-epochs", type=float, default=1.0)
+    ft.add_argument("--finetune-batch-size", type=int, default=128)
+    ft.add_argument("--finetune-augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="random resized crop + flip on the fine-tuning images")
     return p.parse_args(argv)
 
 
@@ -89,16 +125,50 @@ def build_encoder(cfg: dict, ckpt: dict | None, which: str) -> ViTEncoder:
     return encoder.eval()
 
 
-def datasets(args, cfg: dict):
-    """(bank, test) evaluation datasets; one folder is split as the trainer split it."""
+def datasets(args, cfg: dict, train_transform=None):
+    """(bank, test) evaluation datasets; one folder is split as the trainer split it.
+
+    The bank uses ``train_transform`` when given (fine-tuning), else the eval transform.
+    """
     tf = eval_transform(cfg["img_size"])
+    train_tf = tf if train_transform is None else train_transform
     train_src, test_src = args.train_data, args.test_data
     same = train_src == test_src or (train_src and test_src and os.path.realpath(train_src) == os.path.realpath(test_src))
     base = load_dataset(train_src)
     if same:
         train_idx, test_idx = stratified_split(base.targets, val_fraction=cfg["val_fraction"], seed=cfg["seed"])
-        return WithTransform(base, train_idx, tf), WithTransform(base, test_idx, tf)
-    return WithTransform(base, None, tf), WithTransform(load_dataset(test_src), None, tf)
+        return WithTransform(base, train_idx, train_tf), WithTransform(base, test_idx, tf)
+    return WithTransform(base, None, train_tf), WithTransform(load_dataset(test_src), None, tf)
+
+
+def evaluate_few_shot(xte, yte, args) -> dict:
+    """N-way K-shot accuracy on the test features: ``fewshot_{N}way_{K}shot`` (+ ``_ci95``)."""
+    res = few_shot_accuracy(xte, yte, n_way=args.few_shot_way, k_shot=tuple(args.few_shot_shots),
+                            n_query=args.few_shot_query, num_episodes=args.few_shot_episodes, seed=args.seed)
+    out = {}
+    for k, r in res.items():
+        key = f"fewshot_{args.few_shot_way}way_{k}shot"
+        out[key], out[key + "_ci95"] = r["mean"], r["ci95"]
+        print(f"few-shot {args.few_shot_way}-way {k}-shot: {100 * r['mean']:.2f}% +- {100 * r['ci95']:.2f}% "
+              f"({args.few_shot_episodes} episodes, {args.few_shot_query} queries per class)")
+    return out
+
+
+def evaluate_finetune(encoder, cfg: dict, num_classes: int, test_loader, device, args) -> dict:
+    """Fine-tune a copy of the encoder with a linear head; top-1 on the test loader."""
+    augment = pretrain_transform(cfg["img_size"]) if args.finetune_augment else None
+    bank, _ = datasets(args, cfg, train_transform=augment)
+    loader = DataLoader(bank, batch_size=args.finetune_batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=len(bank) > args.finetune_batch_size)
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    res = finetune(encoder, loader, test_loader, num_classes=num_classes, epochs=args.finetune_epochs,
+                   encoder_lr=args.finetune_encoder_lr, head_lr=args.finetune_head_lr,
+                   weight_decay=args.finetune_weight_decay, layer_decay=args.finetune_layer_decay,
+                   warmup_epochs=args.finetune_warmup_epochs, device=device,
+                   amp_dtype=amp, seed=args.seed)
+    print(f"fine-tuning ({args.finetune_epochs} epochs): test top-1 {100 * res.top1:.2f}%")
+    config = {k[len("finetune_"):]: v for k, v in vars(args).items() if k.startswith("finetune_")}
+    return {"finetune_top1": res.top1, "finetune": {"config": config, "history": res.history}}
 
 
 def evaluate_features(xtr, ytr, xte, yte, args) -> dict:
@@ -153,10 +223,17 @@ def main(argv=None) -> dict:
         sl = slice(offset, offset + width)
         result[f"level{level}"] = evaluate_features(xtr[:, sl], ytr, xte[:, sl], yte, args)
         offset += width
+
+    # 3. Optional: few-shot episodes on the pooled test features, then end-to-end fine-tuning.
+    if args.few_shot:
+        result.update(evaluate_few_shot(xte[:, :dim], yte, args))
+    if args.finetune:
+        num_classes = int(max(ytr.max(), yte.max())) + 1
+        result.update(evaluate_finetune(encoder, cfg, num_classes, loaders[1], device, args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
     return result
 
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: a two-process gloo runner (losses, distributed collectives)."""
+"""Shared test fixtures: single-threaded torch, a two-process gloo runner (losses, distributed collectives)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,17 @@ def _run_gloo(fn, *args, world: int = 2, timeout: float = 60.0) -> None:
                 if proc.is_alive():
                     proc.terminate()
             pytest.fail(f"gloo workers did not finish within {timeout} s")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Run the suite single-threaded: its tensors are tiny, and on a 2-core machine OpenMP
+    wake-ups of two threads made small kernels ~10x slower than one thread (softmax of an
+    8x8 input: ~30 ms vs ~1 ms under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

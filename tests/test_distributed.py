@@ -1,10 +1,21 @@
-"""Tests for jepa_blocks.distributed: identity without a group, 2-process gloo semantics."""
+"""Tests for jepa_blocks.distributed: identity without a group, 2-process gloo semantics.
+
+The losses that gather across ranks are also checked end to end here, through a
+DDP-wrapped model (what users see): every rank gets the global-batch value, and after
+DDP's gradient averaging the parameter gradients equal one process on the concatenated
+batch.
+"""
 
 from __future__ import annotations
+
+import importlib
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from jepa_blocks.distributed import (
     all_reduce_with_grad,
@@ -12,6 +23,13 @@ from jepa_blocks.distributed import (
     is_distributed,
     world_size,
 )
+from jepa_blocks.losses import SIGRegLoss, VICRegLoss
+
+# By path: ``jepa_blocks.losses.sigreg`` as an attribute is the function, not the module.
+sigreg_module = importlib.import_module("jepa_blocks.losses.sigreg")
+vicreg_module = importlib.import_module("jepa_blocks.losses.vicreg")
+
+F64 = torch.float64
 
 # ---- single process ----------------------------------------------------------------------
 
@@ -83,6 +101,117 @@ def _worker_collectives(rank: int, world: int) -> None:
         raise AssertionError("mismatched trailing shapes were not rejected")
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_gloo_gather_unequal_sizes_and_gradient_convention(run_gloo):
     run_gloo(_worker_collectives)
+
+
+# ---- losses under DDP: every rank the global value, exact DDP gradients -------------------
+#
+# Comparison made: with local batch sizes _SIZES on the two ranks,
+#   value on every rank            == L(concatenated batch), one process     (rel 1e-12)
+#   grad of each rank's input      == world * dL/dx_local, one process       (rel 1e-6)
+#   grad of DDP's parameters       == dL/dtheta, one process, no DDP         (rel 1e-6)
+# The last line is what users see: DDP averages the per-rank gradients, which divides the
+# world factor of the second line away.
+
+
+def _rel_err(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor | list[torch.Tensor]) -> float:
+    a = torch.cat([t.reshape(-1) for t in a]) if isinstance(a, list) else a
+    b = torch.cat([t.reshape(-1) for t in b]) if isinstance(b, list) else b
+    return float((a - b).norm() / b.norm())
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(4, 6).double()
+
+
+def _vicreg(gather: bool):
+    criterion = VICRegLoss(gather_distributed=gather)
+    return lambda z: criterion(z[0], z[1]).total  # z: (2 views, N, D)
+
+
+def _sigreg(gather: bool):
+    criterion = SIGRegLoss(num_directions=16, seed=3, gather_distributed=gather)
+    return lambda z: criterion(z[0])  # (N, D) input
+
+
+def _sigreg_views_chunked(gather: bool):
+    return SIGRegLoss(num_directions=16, seed=3, chunk=5, gather_distributed=gather)  # (V, N, D)
+
+
+def _gather_without_grad_sum(x: torch.Tensor) -> torch.Tensor:
+    """Right values, but backward keeps only this rank's own gradient (lightly issue 1920)."""
+    sizes = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(x.shape[0]))
+    start = int(sum(sizes[: dist.get_rank()]))
+    full = gather_with_grad(x.detach())
+    return torch.cat([full[:start], x, full[start + x.shape[0] :]])
+
+
+def _all_reduce_without_grad_sum(x: torch.Tensor) -> torch.Tensor:
+    """Right sum, but backward passes this rank's gradient through unsummed."""
+    return x + (all_reduce_with_grad(x.detach()) - x.detach())
+
+
+# name -> (number of views V, loss factory taking gather_distributed, buggy collective patch)
+_LOSS_CASES = {
+    "vicreg": (2, _vicreg, (vicreg_module, "gather_with_grad", _gather_without_grad_sum)),
+    "sigreg": (1, _sigreg, (sigreg_module, "all_reduce_with_grad", _all_reduce_without_grad_sum)),
+    "sigreg_views_chunked": (
+        2,
+        _sigreg_views_chunked,
+        (sigreg_module, "all_reduce_with_grad", _all_reduce_without_grad_sum),
+    ),
+}
+
+
+def _worker_loss_under_ddp(rank: int, world: int, case: str) -> None:
+    num_views, make_loss, (module, name, buggy) = _LOSS_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    full = torch.randn(num_views, sum(_SIZES), 4, generator=gen, dtype=F64) * 1.3 + 0.4
+    start = sum(_SIZES[:rank])
+    local = slice(start, start + _SIZES[rank])
+
+    # Reference: one process, no DDP, the concatenated batch.
+    ref_model = _tiny_model()
+    ref_x = full.clone().requires_grad_(True)
+    ref_value = make_loss(False)(ref_model(ref_x))
+    ref_value.backward()
+    ref_grads = [p.grad for p in ref_model.parameters()]
+
+    def ddp_step(loss_fn):
+        model = DDP(_tiny_model())
+        x = full[:, local].clone().requires_grad_(True)
+        value = loss_fn(model(x))
+        value.backward()
+        return value.detach(), x.grad, [p.grad for p in model.parameters()]
+
+    value, x_grad, grads = ddp_step(make_loss(True))
+    values = [torch.empty_like(value) for _ in range(world)]
+    dist.all_gather(values, value)
+    assert all(torch.equal(v, value) for v in values), values  # bitwise the same on every rank
+    assert _rel_err(value, ref_value) <= 1e-12, (value, ref_value)
+    assert _rel_err(x_grad, world * ref_x.grad[:, local]) <= 1e-6
+    assert _rel_err(grads, ref_grads) <= 1e-6, _rel_err(grads, ref_grads)
+
+    # The same checks catch the known distributed bugs:
+    # a) no gathering, a per-rank value (as stable-pretraining's SIGReg returns): the value
+    #    is that of the local batch, and DDP's averaged gradients are wrong;
+    value, _, grads = ddp_step(make_loss(False))
+    assert _rel_err(value, ref_value) > 1e-3
+    assert _rel_err(grads, ref_grads) > 0.05
+    # b) a collective whose backward drops the sum over ranks (lightly issue 1920): the
+    #    value is right but every gradient is 1/world of the true one.
+    with mock.patch.object(module, name, buggy):
+        value, _, grads = ddp_step(make_loss(True))
+    assert _rel_err(value, ref_value) <= 1e-12
+    assert abs(_rel_err(grads, ref_grads) - (1 - 1 / world)) <= 1e-6
+    assert _rel_err([world * g for g in grads], ref_grads) <= 1e-6
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", sorted(_LOSS_CASES))
+def test_gloo_losses_global_value_and_exact_ddp_gradients(run_gloo, case):
+    run_gloo(_worker_loss_under_ddp, case)

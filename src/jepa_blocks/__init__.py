@@ -3,24 +3,39 @@
 The top level re-exports the core blocks; everything else stays importable from its
 subpackage, named by role: :mod:`jepa_blocks.masking`, :mod:`jepa_blocks.encoders`,
 :mod:`jepa_blocks.predictors`, :mod:`jepa_blocks.targets`, :mod:`jepa_blocks.losses`,
-:mod:`jepa_blocks.positional`, :mod:`jepa_blocks.necks`, :mod:`jepa_blocks.evaluation`,
-:mod:`jepa_blocks.training`.
+:mod:`jepa_blocks.positional`, :mod:`jepa_blocks.necks`, :mod:`jepa_blocks.pooling`,
+:mod:`jepa_blocks.quantizers`, :mod:`jepa_blocks.evaluation`, :mod:`jepa_blocks.training`.
+
+Input validation that reads tensor values (NaN/Inf, index ranges: one host sync each) is
+on by default, off while ``torch.compile`` / ``torch.export`` trace, and can be switched
+off with :func:`set_value_checks` or the :func:`value_checks` context manager.
 """
 
+from jepa_blocks._checks import set_value_checks, value_checks
 from jepa_blocks.encoders import EncoderOutput, ViTEncoder
 from jepa_blocks.losses import (
+    InfoNCELoss,
     LatentPredictionLoss,
     LossOutput,
+    NTXentLoss,
     SIGRegLoss,
     VICRegLoss,
     latent_prediction_loss,
     sigreg,
     vicreg_loss,
 )
-from jepa_blocks.masking import MaskCollator, MaskIndices, MultiBlockMasker, MultiBlockMasks
+from jepa_blocks.masking import (
+    MaskCollator,
+    MaskIndices,
+    MultiBlockMasker,
+    MultiBlockMasks,
+    MultiCropMasker,
+)
 from jepa_blocks.necks import FPNNeck
+from jepa_blocks.pooling import AttentionPool
 from jepa_blocks.positional import RoPE2D
 from jepa_blocks.predictors import HierarchicalPredictor
+from jepa_blocks.quantizers import VectorQuantizer
 from jepa_blocks.targets import EMATarget, hierarchical_targets
 
 __version__ = "0.1.0"
@@ -34,6 +49,12 @@ __all__ = [
     "VICRegLoss",
     "RoPE2D",
     "FPNNeck",
+    # blocks from neighbouring methods
+    "MultiCropMasker",
+    "NTXentLoss",
+    "InfoNCELoss",
+    "VectorQuantizer",
+    "AttentionPool",
     # encoder, latent loss and the data they exchange
     "ViTEncoder",
     "EncoderOutput",
@@ -47,4 +68,7 @@ __all__ = [
     "latent_prediction_loss",
     "sigreg",
     "vicreg_loss",
+    # input validation switch
+    "set_value_checks",
+    "value_checks",
 ]

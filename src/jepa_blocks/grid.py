@@ -102,7 +102,7 @@ def pool_grid_tokens(
     h, w = check_grid("grid_size", grid_size)
     level = check_int("level", level, min_value=0)
     if x.shape[1] != h * w:
-        raise ValueError(f"x must have H * W = {h * w} tokens for grid {(h, w)}, got {x.shape[1]}")
+        raise ValueError(f"x must have H * W = {h * w} tokens for grid_size {(h, w)}, got {x.shape[1]}")
     if level == 0:
         return x
     f = 2**level

@@ -169,7 +169,7 @@ def test_bad_forward_args():
         enc(torch.randn(2, 3, 16, 16), keep=torch.tensor([[0, 1]]))
     with pytest.raises(TypeError, match="keep"):
         enc(torch.randn(1, 3, 16, 16), keep=torch.tensor([[0.0, 1.0]]))
-    with pytest.raises(ValueError, match="indices"):
+    with pytest.raises(ValueError, match="keep"):
         enc(torch.randn(1, 3, 16, 16), keep=torch.tensor([[0, 16]]))
     with pytest.raises(ValueError, match="tokens"):
         enc.forward_tokens(torch.randn(1, 10, 32), grid_size=(4, 4))

@@ -174,3 +174,46 @@ def test_bad_inputs_name_the_argument():
         LatentPredictionLoss(level_weights=())
     with pytest.raises(TypeError, match="normalize_targets"):
         LatentPredictionLoss(normalize_targets=1)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _latent_inputs() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Two levels of a global batch of 5 samples whose valid-token counts differ a lot."""
+    g = torch.Generator().manual_seed(3)
+    preds = [torch.randn(5, 2, 6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    targets = [torch.randn(5, 2, 6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    valid = [torch.rand(5, 2, 6, generator=g) < torch.linspace(0.1, 0.9, 5)[:, None, None] for _ in range(2)]
+    return preds, targets, valid
+
+
+def _latent_rank(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    preds, targets, valid = _latent_inputs()
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)  # unequal local batches: 2 and 3 samples
+    local = [p[rows].clone().requires_grad_(True) for p in preds]
+    total, terms = latent_prediction_loss(local, [t[rows] for t in targets], [v[rows] for v in valid],
+                                          gather_distributed=True)
+    total.backward()
+    full = [p.clone().requires_grad_(True) for p in preds]
+    ref_total, ref_terms = latent_prediction_loss(full, targets, valid)
+    ref_total.backward()
+    # Every rank: the global-batch value.
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-12)
+    assert [t.item() for t in terms.values()] == pytest.approx([t.item() for t in ref_terms.values()], rel=1e-12)
+    for lvl in range(2):
+        # DDP averages over ranks, so a rank's share of the parameter gradient is grad / world:
+        # equal to the single-process gradient of its rows.
+        torch.testing.assert_close(local[lvl].grad / world, full[lvl].grad[rows], rtol=1e-6, atol=1e-12)
+    # Without gathering, each rank averages its own tokens, and the ranks' mean differs.
+    plain = latent_prediction_loss([p[rows] for p in preds], [t[rows] for t in targets], [v[rows] for v in valid])
+    mean_of_means = plain.total.clone()
+    dist.all_reduce(mean_of_means)
+    assert (mean_of_means / world).item() != pytest.approx(ref_total.item(), rel=1e-3)
+
+
+@pytest.mark.distributed
+def test_gather_distributed_gives_global_mean_and_single_process_gradients(run_gloo):
+    run_gloo(_latent_rank)

@@ -404,6 +404,6 @@ def _worker_sigreg(rank: int, world: int) -> None:
     assert _rel_err(local.grad, expected) <= 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_gloo_global_value_and_ddp_gradients(run_gloo):
     run_gloo(_worker_sigreg)

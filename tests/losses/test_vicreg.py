@@ -226,6 +226,6 @@ def _worker_vicreg(rank: int, world: int) -> None:
         torch.testing.assert_close(y.grad, world * ry.grad[sl], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_gloo_gather_equals_single_process(run_gloo):
     run_gloo(_worker_vicreg)

@@ -553,3 +553,17 @@ def test_cuda_device_and_generator():
 def test_docstring_examples():
     result = doctest.testmod(multiblock_module, extraglobs={"torch": torch})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_rows_split_a_batch_like_slicing_every_tensor():
+    masks = MultiBlockMasker(grid_size=8, levels=2)(6, generator=torch.Generator().manual_seed(1))
+    part = masks.rows(2, 5)
+    assert part.context.shape[0] == 3 and part.grid_size == masks.grid_size
+    assert torch.equal(part.context.indices, masks.context.indices[2:5])
+    for a, b in zip(part.targets, masks.targets, strict=True):
+        assert torch.equal(a.indices, b.indices[2:5]) and torch.equal(a.valid, b.valid[2:5])
+    assert torch.equal(part.target_boxes[1], masks.target_boxes[1][2:5])
+    with pytest.raises(ValueError, match="stop"):
+        masks.rows(3, 3)
+    with pytest.raises(ValueError, match="stop"):
+        masks.rows(0, 7)

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from jepa_blocks.targets import EMATarget, ema_update_, momentum_schedule
 from jepa_blocks.targets.ema import _lerp_params, unwrap_module
@@ -446,3 +448,41 @@ def test_schedule_bad_args(kwargs, name):
     step = kwargs.pop("step")
     with pytest.raises(ValueError, match=name):
         momentum_schedule(step, **kwargs)
+
+
+# ---------------------------------------------------------------- DDP, 2 gloo processes
+
+
+def _all_equal_across_ranks(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t.contiguous())
+    return all(torch.equal(g, t) for g in gathered)
+
+
+def _worker_ema_under_ddp(rank: int, world: int) -> None:
+    torch.manual_seed(rank)  # different init per rank: DDP broadcasts rank 0's weights
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double()
+    online = DDP(model)
+    ema = EMATarget(online, total_steps=10, momentum=(0.5, 1.0))
+    opt = torch.optim.SGD(online.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # different local data, sizes 5 and 6
+    for step in range(3):
+        x = torch.randn(5 + rank, 4, generator=gen, dtype=torch.float64) * 2 + rank
+        ema(x)  # the target's own forward (train mode: updates its BatchNorm statistics)
+        loss = online(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(online if step < 2 else FakeCompiled(online))  # DDP found inside wrappers
+    state = ema.state_dict()  # parameters, buffers (BatchNorm statistics) and num_steps
+    assert {"module.1.running_mean", "module.1.num_batches_tracked", "num_steps"} <= set(state)
+    diverged = [name for name, t in state.items() if not _all_equal_across_ranks(t)]
+    assert not diverged, f"rank {rank}: EMA state differs across ranks in {diverged}"
+    assert ema.step == 3 and int(ema.num_steps) == 3
+    # The target really moved: neither the initial weights nor the online ones.
+    assert not torch.equal(ema.module[0].weight, model[0].weight)
+
+
+@pytest.mark.distributed
+def test_gloo_ddp_ema_identical_on_every_rank(run_gloo):
+    run_gloo(_worker_ema_under_ddp)

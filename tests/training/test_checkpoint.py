@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
+import pickle
 import random
+import signal
+import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -83,20 +88,33 @@ def test_saving_a_loaded_checkpoint_again(tmp_path):
     _assert_same(dict(load_checkpoint(tmp_path / "b.pt")), {"x": torch.arange(3)})
 
 
-def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _partial_torch_save(obj, f, *args, **kwargs):
+    f.write(b"PK\x03\x04 partial bytes of a checkpoint")
+    _disk_full()
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "broken"),
+    [
+        (ckpt_mod.torch, "save", _partial_torch_save),  # fails while writing
+        (ckpt_mod.os, "fsync", _disk_full),  # fails while flushing to disk
+        (ckpt_mod.os, "replace", _disk_full),  # fails at the rename
+    ],
+    ids=["torch.save", "os.fsync", "os.replace"],
+)
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, module, name, broken):
     path = tmp_path / "last.pt"
     save_checkpoint(path, _state(0))
     before = path.read_bytes()
-    real_save = torch.save
 
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 partial bytes of a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(module, name, broken)
+    with pytest.raises(OSError, match="No space left on device"):  # the error propagates
         save_checkpoint(path, _state(1))
-    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    monkeypatch.undo()
 
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # the temp file was removed
@@ -132,6 +150,58 @@ def test_killed_writer_stray_temp_file_is_harmless(tmp_path):
     assert load_checkpoint(path)["step"] == 8
     with pytest.raises(CheckpointError, match="last.pt.tmp-999999"):
         load_checkpoint(stray)
+
+
+def _save_until_killed(path: str, numel: int, first_step: int) -> None:
+    """Writer process: save complete states ``{step, w = full(step)}`` to ``path`` forever."""
+    torch.set_num_threads(1)
+    w = torch.empty(numel)
+    step = first_step
+    while True:
+        save_checkpoint(path, {"step": step, "w": w.fill_(float(step))})
+        step += 1
+
+
+def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
+    # A writer saving a 4 MB state in a loop is killed with SIGKILL at random times (it
+    # spends nearly all its time inside save_checkpoint). After every kill the path must
+    # load and hold one complete state; the only litter allowed is the documented
+    # '<path>.tmp-<pid>' of a killed writer.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    ctx = multiprocessing.get_context("fork")
+    path = tmp_path / "last.pt"
+    numel = 1 << 20
+    rng = random.Random(0)
+    killed, interrupted_writes = [], 0
+    for round_ in range(16):  # until 3 kills, 2 of them inside a write (not between saves)
+        if round_ >= 3 and interrupted_writes >= 2:
+            break
+        proc = ctx.Process(target=_save_until_killed, args=(str(path), numel, 1000 * round_))
+        proc.start()
+        tmp = tmp_path / f"last.pt.tmp-{proc.pid}"
+        deadline = time.monotonic() + 30
+        # Wait until a complete checkpoint exists and this writer is inside a save.
+        while not (path.exists() and tmp.exists()):
+            assert time.monotonic() < deadline and proc.is_alive(), "writer made no progress"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+        assert proc.exitcode == -signal.SIGKILL
+        killed.append(proc.pid)
+        interrupted_writes += tmp.exists()
+
+        ckpt = load_checkpoint(path)
+        assert ckpt["w"].shape == (numel,)
+        assert torch.equal(ckpt["w"], torch.full((numel,), float(ckpt["step"])))
+        litter = {p.name for p in tmp_path.iterdir()} - {"last.pt"}
+        assert litter <= {f"last.pt.tmp-{pid}" for pid in killed}, litter
+    assert interrupted_writes >= 2  # kills really hit saves mid-way
+    # The next save works and leaves no litter of its own.
+    save_checkpoint(path, {"step": -1})
+    assert load_checkpoint(path)["step"] == -1
+    assert not (tmp_path / f"last.pt.tmp-{os.getpid()}").exists()
 
 
 def test_keep_previous(tmp_path):
@@ -179,7 +249,15 @@ def test_foreign_file(tmp_path):
     with pytest.raises(CheckpointError, match="not a jepa-blocks checkpoint"):
         load_checkpoint(path)
     path.write_text("just some text, not a torch file at all")
-    with pytest.raises(CheckpointError, match=r"foreign\.pt"):
+    with pytest.raises(CheckpointError, match=r"foreign\.pt.*not a complete zip archive"):
+        load_checkpoint(path)
+    with open(path, "wb") as f:  # a plain pickle of something else
+        pickle.dump({"weights": [1.0, 2.0]}, f)
+    with pytest.raises(CheckpointError, match=r"foreign\.pt.*not a complete zip archive"):
+        load_checkpoint(path)
+    with zipfile.ZipFile(path, "w") as archive:  # an intact zip that torch did not write
+        archive.writestr("notes/readme.txt", "hello")
+    with pytest.raises(CheckpointError, match=r"foreign\.pt.*zip archive without.*data\.pkl"):
         load_checkpoint(path)
 
 

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
-from jepa_blocks._checks import check_bool, check_float, check_int
+from jepa_blocks._checks import (
+    check_bool,
+    check_float,
+    check_int,
+    check_tensor,
+    match_dtype,
+    value_checks_enabled,
+)
 from jepa_blocks.positional.rope2d import apply_rotary
 
 __all__ = ["Attention", "TransformerBlock", "attention_mask_from_valid", "transformer_stack"]
@@ -30,15 +37,42 @@ def attention_mask_from_valid(valid: torch.Tensor | None) -> torch.Tensor | None
         valid: Bool tensor of shape ``(B, N)``, ``True`` for real tokens, or ``None``.
 
     Returns:
-        ``None`` when every token is real, else a bool tensor of shape ``(B, 1, 1, N)``
-        (``True`` = may be attended to). A sample without any real token attends to all
-        of its (padding) tokens so that its rows stay finite; its outputs are meaningless
-        and must be masked downstream.
+        ``None`` when ``valid`` is ``None`` or every token is real, else a bool tensor of
+        shape ``(B, 1, 1, N)`` (``True`` = may be attended to). A sample without any real
+        token attends to all of its (padding) tokens so that its rows stay finite; its
+        outputs are meaningless and must be masked downstream. Detecting "every token is
+        real" reads ``valid`` (one host sync), so it is skipped where value checks are off
+        (while ``torch.compile`` / ``torch.export`` trace, or turned off by the user; see
+        ``jepa_blocks._checks.value_checks_enabled``): then an all-true mask is returned,
+        which gives the same attention output.
     """
-    if valid is None or bool(valid.all()):
+    if valid is None:
+        return None
+    check_tensor("valid", valid, ndim=2, kind="bool", allow_empty=True)
+    if value_checks_enabled() and bool(valid.all()):
         return None
     keep = valid | ~valid.any(dim=-1, keepdim=True)
     return keep[:, None, None, :]
+
+
+def _check_tokens(x: torch.Tensor, dim: int) -> torch.Tensor:
+    check_tensor("x", x, ndim=3, kind="float", allow_empty=True)
+    if x.shape[-1] != dim:
+        raise ValueError(f"x must have width dim={dim} last, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_attn_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Check a boolean mask and let rows that see no key at all see every key.
+
+    Such a row would otherwise give NaN (a softmax over ``-inf`` only, in the explicit
+    path) or zeros; its output is meaningless either way and must be masked downstream,
+    but it stays finite and so do the gradients. Elementwise, so no host sync.
+    """
+    if attn_mask is None:
+        return None
+    check_tensor("attn_mask", attn_mask, ndim=4, kind="bool", allow_empty=True)
+    return attn_mask | ~attn_mask.any(dim=-1, keepdim=True)
 
 
 class Attention(nn.Module):
@@ -80,6 +114,7 @@ class Attention(nn.Module):
         num_heads = check_int("num_heads", num_heads, min_value=1)
         if dim % num_heads:
             raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -96,6 +131,10 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        x = match_dtype(_check_tokens(x, self.dim), self.qkv.weight.dtype)
+        attn_mask = _check_attn_mask(attn_mask)
+        if rope is not None and (not isinstance(rope, tuple) or len(rope) != 2):
+            raise TypeError(f"rope must be a (cos, sin) pair of tensors, got {type(rope).__name__}")
         b, n, d = x.shape
         # qkv channel order: (3, heads, head_dim), the same as timm's Attention.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -159,8 +198,10 @@ class TransformerBlock(nn.Module):
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
+        self.dim = check_int("dim", dim, min_value=1)
         norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
         mlp_ratio = check_float("mlp_ratio", mlp_ratio, min_value=0.0, min_inclusive=False)
+        fused_attn = check_bool("fused_attn", fused_attn)
         drop_path = check_float("drop_path", drop_path, min_value=0.0, max_value=1.0, max_inclusive=False)
         if layer_scale_init is not None:
             layer_scale_init = check_float("layer_scale_init", layer_scale_init, min_value=0.0, min_inclusive=False)
@@ -182,6 +223,7 @@ class TransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        x = match_dtype(_check_tokens(x, self.dim), self.attn.qkv.weight.dtype)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

@@ -5,6 +5,12 @@ than zeroing them) is what makes a context of 25% cost about a quarter of the fu
 image. Per-sample subsets of different sizes arrive as ``MaskIndices`` padded to the
 batch maximum; padded tokens are hidden from attention, so each sample's output equals
 running it alone on exactly its kept tokens.
+
+Inputs are validated at ``forward`` / ``forward_tokens``. NaN/Inf images or tokens and
+``keep`` ids outside the patch grid raise ``ValueError`` while value checks are enabled:
+the default, at the price of one pass over the input and a host sync per check on an
+accelerator; ``jepa_blocks.set_value_checks(False)`` turns them off, and they are skipped
+under ``torch.compile`` / ``torch.export``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from torch.utils.checkpoint import checkpoint
 from jepa_blocks._checks import (
     check_bool,
     check_choice,
+    check_finite,
     check_float,
     check_grid,
+    check_index_range,
     check_int,
     check_tensor,
+    match_dtype,
 )
 from jepa_blocks.encoders.attention import (
     attention_mask_from_valid,
@@ -32,7 +41,7 @@ from jepa_blocks.encoders.attention import (
     transformer_stack,
 )
 from jepa_blocks.grid import token_positions
-from jepa_blocks.masking.indices import MaskIndices, gather_tokens
+from jepa_blocks.masking.indices import MaskIndices
 from jepa_blocks.positional.rope2d import RoPE2D
 from jepa_blocks.positional.sincos import sincos_2d
 
@@ -127,6 +136,8 @@ class ViTEncoder(nn.Module):
         if pos_embed == "rope" and head_dim % 4:
             raise ValueError(f"embed_dim / num_heads must be divisible by 4 for rope, got head dim {head_dim}")
         drop_path_rate = check_float("drop_path_rate", drop_path_rate, min_value=0.0, max_value=1.0, max_inclusive=False)
+        rope_theta = check_float("rope_theta", rope_theta, min_value=1.0, min_inclusive=False)
+        fused_attn = check_bool("fused_attn", fused_attn)
         self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
         self.out_layers = self._check_layers("out_layers", out_layers)
         self.default_grid = (img_h // patch_size, img_w // patch_size)
@@ -190,6 +201,10 @@ class ViTEncoder(nn.Module):
 
         Returns:
             ``EncoderOutput`` with tokens ``(B, K, D)``.
+
+        Images of another floating dtype than the weights are cast to it (unless autocast
+        is on). NaN/Inf images and out-of-range ``keep`` ids raise ``ValueError`` while
+        value checks are enabled (see the module docstring).
         """
         check_tensor("images", images, ndim=4, kind="float")
         if images.shape[1] != self.patch_embed.proj.in_channels:
@@ -198,8 +213,9 @@ class ViTEncoder(nn.Module):
                 f"{tuple(images.shape)}"
             )
         grid = self.grid_size_for(images)
-        tokens = self.patch_embed(images)  # (B, H * W, D), row-major
-        return self.forward_tokens(tokens, grid_size=grid, keep=keep, out_layers=out_layers)
+        check_finite(("images", images))
+        tokens = self.patch_embed(match_dtype(images, self.patch_embed.proj.weight.dtype))
+        return self._encode(tokens, grid_size=grid, keep=keep, out_layers=out_layers)
 
     def forward_tokens(
         self,
@@ -222,6 +238,19 @@ class ViTEncoder(nn.Module):
             ``EncoderOutput`` with tokens ``(B, K, D)``.
         """
         check_tensor("tokens", tokens, ndim=3, kind="float")
+        check_finite(("tokens", tokens))
+        return self._encode(tokens, grid_size=grid_size, keep=keep, out_layers=out_layers)
+
+    def _encode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        grid_size: int | tuple[int, int],
+        keep: MaskIndices | torch.Tensor | None,
+        out_layers: Sequence[int] | None,
+    ) -> EncoderOutput:
+        check_tensor("tokens", tokens, ndim=3, kind="float")
+        tokens = match_dtype(tokens, self.norm.weight.dtype)
         h, w = check_grid("grid_size", grid_size)
         b, n, d = tokens.shape
         if n != h * w or d != self.embed_dim:
@@ -241,15 +270,16 @@ class ViTEncoder(nn.Module):
                 ids = check_tensor("keep", keep, ndim=2, kind="int")
             if ids.ndim != 2 or ids.shape[0] != b:
                 raise ValueError(f"keep must have shape ({b}, K), got {tuple(ids.shape)}")
-        positions = token_positions(ids, (h, w)).to(tokens.device)  # (B, K, 2)
-
+            check_index_range("keep", ids, n, what=f"of the {h}x{w} patch grid")
         if self.rope is None:
             pos = sincos_2d(token_positions(torch.arange(n, device=tokens.device), (h, w)), d)
             tokens = tokens + pos.to(tokens.dtype)
             rope = None
         else:
+            positions = token_positions(ids, (h, w)).to(tokens.device)  # (B, K, 2)
             rope = self.rope.cos_sin(positions)
-        x = tokens if keep is None else gather_tokens(tokens, ids)
+        # keep was range-checked above: gather directly (gather_tokens would check again).
+        x = tokens if keep is None else torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, d))
         attn_mask = attention_mask_from_valid(valid)
 
         collected: dict[int, torch.Tensor] = {}
@@ -264,6 +294,41 @@ class ViTEncoder(nn.Module):
         if attn_mask is None:  # no padding: report every token as real
             valid = None
         return EncoderOutput(self.norm(x), out, valid, (h, w))
+
+    def export(
+        self,
+        images: torch.Tensor,
+        *,
+        keep: MaskIndices | torch.Tensor | None = None,
+        dynamic_batch: bool = True,
+        dynamic_keep: bool = True,
+    ) -> torch.export.ExportedProgram:
+        """``torch.export`` this encoder for deployment: ``images[, keep[, valid]] -> tokens``.
+
+        See ``jepa_blocks.encoders.export.export_encoder``: traced in eval mode (the mode is
+        restored), dynamic batch size (and number of kept tokens), image size fixed to the
+        example's; the program returns the final tokens ``(B, K, D)`` as a plain tensor.
+
+        Args:
+            images: Example batch ``(B, C, H * p, W * p)``.
+            keep: Example kept ids (``MaskIndices`` or long ``(B, K)``), or ``None``.
+            dynamic_batch: Let the batch size vary.
+            dynamic_keep: Let ``K`` vary (with ``keep``).
+
+        Returns:
+            The ``torch.export.ExportedProgram``; run it with ``program.module()(images)``.
+
+        Example:
+            >>> enc = ViTEncoder(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=4)
+            >>> program = enc.export(torch.randn(2, 3, 32, 32))
+            >>> program.module()(torch.randn(3, 3, 32, 32)).shape
+            torch.Size([3, 64, 32])
+        """
+        from jepa_blocks.encoders.export import export_encoder
+
+        return export_encoder(
+            self, images, keep=keep, dynamic_batch=dynamic_batch, dynamic_keep=dynamic_keep
+        )
 
     @classmethod
     def from_timm(

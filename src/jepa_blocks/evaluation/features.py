@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from jepa_blocks._checks import check_tensor
+from jepa_blocks._checks import check_tensor, value_checks_enabled
 
 __all__ = ["extract_features", "pool_tokens"]
 
@@ -25,7 +25,7 @@ def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torc
         tokens: Tokens of shape ``(B, N, D)``.
         valid: Optional bool mask of shape ``(B, N)``, ``True`` for real tokens (as in
             ``MaskIndices.valid``); ``None`` averages all ``N`` tokens. Every sample needs
-            at least one real token.
+            at least one real token (a value check: skipped when value checks are off).
 
     Returns:
         Pooled features of shape ``(B, D)`` in the dtype of ``tokens`` (accumulated in
@@ -46,7 +46,7 @@ def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torc
             f"valid must have shape {tuple(tokens.shape[:2])} to match tokens (B, N), got {tuple(valid.shape)}"
         )
     count = valid.sum(dim=1, keepdim=True)  # (B, 1)
-    if bool((count == 0).any()):
+    if value_checks_enabled() and bool((count == 0).any()):
         empty = (count.squeeze(1) == 0).nonzero().flatten().tolist()
         raise ValueError(
             f"valid must mark at least one token per sample, samples {empty} have none"

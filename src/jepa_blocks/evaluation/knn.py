@@ -23,7 +23,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from jepa_blocks._checks import check_bool, check_float, check_int, check_tensor
+from jepa_blocks._checks import (
+    check_bool,
+    check_finite,
+    check_float,
+    check_int,
+    check_tensor,
+    value_checks_enabled,
+)
 
 __all__ = ["knn_accuracy", "knn_classify"]
 
@@ -43,6 +50,8 @@ def _check_labels(name: str, labels: torch.Tensor, n: int, num_classes: int) -> 
         raise ValueError(
             f"{name} must have shape ({n},) to match the features, got {tuple(labels.shape)}"
         )
+    if not value_checks_enabled():
+        return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(
@@ -56,8 +65,7 @@ def _check_features(name: str, x: torch.Tensor) -> None:
         raise ValueError(
             f"{name} must have at least one feature column, got shape {tuple(x.shape)}"
         )
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} must be finite, got NaN or Inf values")
+    check_finite((name, x))  # a value check (host sync), see jepa_blocks._checks
 
 
 def _prepare(

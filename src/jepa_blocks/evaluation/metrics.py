@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from jepa_blocks._checks import check_choice, check_float, check_int, check_tensor
+from jepa_blocks._checks import check_choice, check_finite, check_float, check_int, check_tensor
 
 __all__ = [
     "anisotropy",
@@ -49,8 +49,7 @@ def _check_z(z: torch.Tensor, name: str = "z") -> torch.Tensor:
     check_tensor(name, z, ndim=2, kind="float")
     if z.shape[0] < 2:
         raise ValueError(f"{name} must have at least 2 rows (samples), got shape {tuple(z.shape)}")
-    if not torch.isfinite(z).all():
-        raise ValueError(f"{name} must be finite, got NaN or Inf values")
+    check_finite((name, z))  # a value check (host sync), see jepa_blocks._checks
     return z.double()
 
 

@@ -1,4 +1,5 @@
-"""Training objectives: latent prediction (I-JEPA / H-JEPA), SIGReg (LeJEPA) and VICReg.
+"""Training objectives: latent prediction (I-JEPA / H-JEPA), SIGReg (LeJEPA), VICReg and the
+contrastive NT-Xent (SimCLR) and InfoNCE (learnable temperature) losses.
 
 Losses that report several terms return :class:`LossOutput` ``(total, terms)``; all of
 them compute in float32 (float64 inputs stay float64) whatever the input dtype.
@@ -6,7 +7,9 @@ them compute in float32 (float64 inputs stay float64) whatever the input dtype.
 
 from __future__ import annotations
 
+from jepa_blocks.losses.infonce import InfoNCELoss, info_nce_loss
 from jepa_blocks.losses.latent import LatentPredictionLoss, LossType, latent_prediction_loss
+from jepa_blocks.losses.ntxent import NTXentLoss, ntxent_loss
 from jepa_blocks.losses.output import LossOutput
 from jepa_blocks.losses.sigreg import SIGRegLoss, lejepa_loss, sigreg, sigreg_directions
 from jepa_blocks.losses.vicreg import (
@@ -18,15 +21,19 @@ from jepa_blocks.losses.vicreg import (
 )
 
 __all__ = [
+    "InfoNCELoss",
     "LatentPredictionLoss",
     "LossOutput",
     "LossType",
+    "NTXentLoss",
     "SIGRegLoss",
     "VICRegLoss",
     "covariance_loss",
+    "info_nce_loss",
     "invariance_loss",
     "latent_prediction_loss",
     "lejepa_loss",
+    "ntxent_loss",
     "sigreg",
     "sigreg_directions",
     "variance_loss",

@@ -15,6 +15,10 @@ Padded slots are replaced by zeros *before* the elementwise loss, so whatever th
 exactly zero. The loss does not detach the targets: gradient flow into the target branch
 is the caller's choice (an EMA target encoder run under ``torch.no_grad()`` has none).
 Computed in float32 (float64 stays float64) with autocast disabled.
+
+NaN or Inf in a *valid* slot raises ``ValueError`` naming the tensor while value checks
+are enabled (the default; one host sync per call, skipped under ``torch.compile`` and
+``torch.export``; see ``jepa_blocks.set_value_checks``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jepa_blocks._checks import check_bool, check_choice, check_float, check_tensor
+from jepa_blocks._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_tensor,
+    sum_is_finite,
+    value_checks_enabled,
+)
+from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
 from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
 
@@ -66,6 +78,34 @@ def _check_weights(level_weights: Sequence[float], num_levels: int | None) -> tu
     return weights
 
 
+def _check_finite_slots(
+    preds: list[Tensor], targs: list[Tensor], valids: list[Tensor | None]
+) -> None:
+    """Raise if a *valid* slot of a prediction or target holds NaN/Inf (padding may).
+
+    A value check: one host sync for all levels, skipped under compile or when value
+    checks are off (see :func:`jepa_blocks._checks.value_checks_enabled`).
+    """
+    if not value_checks_enabled():
+        return
+
+    def finite_slots(x: Tensor, v: Tensor | None, exact: bool) -> Tensor:
+        # Fast: per-slot feature sums (finite sum => finite entries); exact: isfinite.
+        ok = torch.isfinite(x).all(dim=-1) if exact else sum_is_finite(x, dim=-1)  # (..., K)
+        return ok.all() if v is None else (ok | ~v.to(ok.device)).all()
+
+    named = [
+        (name, x, v)
+        for lvl, (p, t, v) in enumerate(zip(preds, targs, valids, strict=True))
+        for name, x in ((f"predictions[{lvl}]", p), (f"targets[{lvl}]", t))
+    ]
+    device = preds[0].device
+    quick = torch.stack([finite_slots(x, v, False).to(device) for _, x, v in named]).tolist()
+    for (name, x, v), good in zip(named, quick, strict=True):
+        if not good and not bool(finite_slots(x, v, True)):
+            raise ValueError(f"{name} must be finite in its valid slots, got NaN or Inf values")
+
+
 def _elementwise(pred: Tensor, target: Tensor, loss_type: str, beta: float) -> Tensor:
     if loss_type == "smooth_l1":
         return F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
@@ -82,7 +122,8 @@ def _level_loss(
     loss_type: str,
     beta: float,
     normalize_targets: bool,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """Sum of the per-token losses over the valid slots, and the number of valid slots."""
     dtype = compute_dtype(pred, target)
     pred, target = pred.to(dtype), target.to(dtype)
     if valid is not None:
@@ -93,9 +134,9 @@ def _level_loss(
         target = F.layer_norm(target, target.shape[-1:])
     per_token = _elementwise(pred, target, loss_type, beta).mean(dim=-1)  # (..., K)
     if valid is None:
-        return per_token.mean()
+        return per_token.sum(), per_token.new_tensor(float(per_token.numel()))
     per_token = torch.where(valid, per_token, 0.0)
-    return per_token.sum() / valid.sum().clamp_min(1).to(dtype)
+    return per_token.sum(), valid.sum().to(dtype)
 
 
 def latent_prediction_loss(
@@ -107,6 +148,7 @@ def latent_prediction_loss(
     beta: float = 1.0,
     normalize_targets: bool = True,
     level_weights: Sequence[float] = (1.0, 0.7, 0.5),
+    gather_distributed: bool = False,
 ) -> LossOutput:
     """Weighted sum over levels of the masked mean prediction error.
 
@@ -122,6 +164,13 @@ def latent_prediction_loss(
         normalize_targets: Layer-normalise targets over ``D`` without affine parameters.
         level_weights: Non-negative weight per level; needs at least one entry per level
             (extra entries are ignored).
+        gather_distributed: Under ``torch.distributed``, sum the per-level error sums and
+            valid-token counts over all ranks, so every rank returns the mean over the
+            *global* batch's valid tokens (with the gradient convention of
+            :mod:`jepa_blocks.distributed`). Without it each rank averages its own tokens,
+            and DDP's gradient averaging weights ranks equally even when their numbers of
+            target tokens differ (they do: block sizes are random), which is not the
+            single-process gradient. A no-op without an initialised process group.
 
     Returns:
         ``LossOutput(total, terms)`` with ``terms = {"level0": ..., "level1": ...}``, the
@@ -168,14 +217,23 @@ def latent_prediction_loss(
                     f"valid[{lvl}] must have shape {tuple(p.shape[:-1])} (predictions[{lvl}] "
                     f"without its feature dim), got {tuple(v.shape)}"
                 )
+    _check_finite_slots(preds, targs, valids)
 
+    check_bool("gather_distributed", gather_distributed)
     with full_precision(preds[0].device):
-        terms = {
-            f"level{lvl}": _level_loss(
-                p, t, v, loss_type=loss_type, beta=beta, normalize_targets=normalize_targets
-            )
-            for lvl, (p, t, v) in enumerate(zip(preds, targs, valids, strict=True))
-        }
+        sums, counts = zip(
+            *(
+                _level_loss(p, t, v, loss_type=loss_type, beta=beta, normalize_targets=normalize_targets)
+                for p, t, v in zip(preds, targs, valids, strict=True)
+            ),
+            strict=True,
+        )
+        sum_t, count_t = torch.stack(sums), torch.stack(counts)  # (L,), (L,)
+        if gather_distributed and is_distributed():
+            sum_t = all_reduce_with_grad(sum_t)
+            count_t = all_reduce_with_grad(count_t.detach())
+        per_level = sum_t / count_t.clamp_min(1)
+        terms = {f"level{lvl}": per_level[lvl] for lvl in range(num_levels)}
         total = sum(w * term for w, term in zip(weights, terms.values(), strict=False))
     return LossOutput(total, terms)
 
@@ -188,6 +246,8 @@ class LatentPredictionLoss(nn.Module):
         beta: Smooth-L1 transition point.
         normalize_targets: Layer-normalise targets over the feature dim (no affine).
         level_weights: Non-negative weight per level.
+        gather_distributed: Average over the valid tokens of the global batch under
+            ``torch.distributed`` (see :func:`latent_prediction_loss`).
 
     Example:
         >>> criterion = LatentPredictionLoss()
@@ -205,12 +265,14 @@ class LatentPredictionLoss(nn.Module):
         beta: float = 1.0,
         normalize_targets: bool = True,
         level_weights: Sequence[float] = (1.0, 0.7, 0.5),
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.loss_type = check_choice("loss_type", loss_type, _LOSS_TYPES)
         self.beta = check_float("beta", beta, min_value=0.0)
         self.normalize_targets = check_bool("normalize_targets", normalize_targets)
         self.level_weights = _check_weights(level_weights, None)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
 
     def forward(
         self,
@@ -236,10 +298,12 @@ class LatentPredictionLoss(nn.Module):
             beta=self.beta,
             normalize_targets=self.normalize_targets,
             level_weights=self.level_weights,
+            gather_distributed=self.gather_distributed,
         )
 
     def extra_repr(self) -> str:
         return (
             f"loss_type={self.loss_type!r}, beta={self.beta}, "
-            f"normalize_targets={self.normalize_targets}, level_weights={self.level_weights}"
+            f"normalize_targets={self.normalize_targets}, level_weights={self.level_weights}, "
+            f"gather_distributed={self.gather_distributed}"
         )

@@ -29,6 +29,9 @@ Implementation notes:
   with ``N`` the global batch size. Gradients follow the convention of
   :mod:`jepa_blocks.distributed`: each rank receives ``world_size * dL/dx_local``, which
   DDP's averaging turns into the single-process gradient on the concatenated batch.
+* NaN or Inf in ``x`` (or ``directions``) raises ``ValueError`` while value checks are
+  enabled (the default; one host sync per call, skipped under ``torch.compile`` and
+  ``torch.export``; see ``jepa_blocks.set_value_checks``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from jepa_blocks._checks import check_bool, check_float, check_int, check_tensor
+from jepa_blocks._checks import check_bool, check_finite, check_float, check_int, check_tensor
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
 from jepa_blocks.losses._precision import compute_dtype, full_precision
 
@@ -279,8 +282,10 @@ def sigreg(
                 raise ValueError(
                     f"directions must have shape (D={dim}, K), got {tuple(directions.shape)}"
                 )
+            check_finite(("x", x), ("directions", directions))
             a = directions.to(device=x.device, dtype=dtype)
         else:
+            check_finite(("x", x))
             check_int("num_directions", num_directions, min_value=1)
             gen_device = generator.device if generator is not None else torch.device("cpu")
             a = torch.randn(
@@ -306,12 +311,15 @@ def lejepa_loss(prediction_loss: Tensor, sigreg_value: Tensor, *, lam: float = 0
         lam: Trade-off in ``[0, 1]``; LeJEPA uses 0.05 (0.02 in its minimal code).
 
     Returns:
-        Scalar tensor.
+        Scalar tensor, float32 (float64 if either input is float64; bf16/fp16 inputs are
+        upcast first).
     """
     check_tensor("prediction_loss", prediction_loss, ndim=0, kind="float")
     check_tensor("sigreg_value", sigreg_value, ndim=0, kind="float")
     lam = check_float("lam", lam, min_value=0.0, max_value=1.0)
-    return (1.0 - lam) * prediction_loss + lam * sigreg_value
+    check_finite(("prediction_loss", prediction_loss), ("sigreg_value", sigreg_value))
+    dtype = compute_dtype(prediction_loss, sigreg_value)
+    return (1.0 - lam) * prediction_loss.to(dtype) + lam * sigreg_value.to(dtype)
 
 
 class SIGRegLoss(nn.Module):
@@ -390,6 +398,7 @@ class SIGRegLoss(nn.Module):
             Scalar tensor (float32, or float64 for float64 input).
         """
         xv = _as_views(x)
+        check_finite(("x", x))
         dtype = compute_dtype(x)
         raw = _raw_directions(xv.shape[-1], self.num_directions, self.seed, int(self.step))
         with full_precision(x.device):

@@ -23,6 +23,9 @@ Implementation notes:
   the invariance term on the local batch and divides the covariance by the configured
   batch size.) Gradients follow the ``world_size * dL/dx_local`` convention of
   :mod:`jepa_blocks.distributed`, which DDP's averaging turns into the exact gradient.
+* NaN or Inf inputs raise ``ValueError`` while value checks are enabled (the default; one
+  host sync per call, skipped under ``torch.compile`` and ``torch.export``; see
+  ``jepa_blocks.set_value_checks``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jepa_blocks._checks import check_bool, check_float, check_tensor
+from jepa_blocks._checks import check_bool, check_finite, check_float, check_tensor
 from jepa_blocks.distributed import gather_with_grad
 from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
@@ -63,6 +66,7 @@ def _check_pair(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> No
             f"{names[0]} and {names[1]} must have the same shape, got {tuple(x.shape)} "
             f"and {tuple(y.shape)}"
         )
+    check_finite((names[0], x), (names[1], y))
 
 
 # ---- kernels on trusted, float32/float64 tensors ----------------------------------------
@@ -76,13 +80,17 @@ def _centred_and_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _variance_term(var: Tensor, eps: float) -> Tensor:
-    return F.relu(1.0 - torch.sqrt(var + eps)).mean()
+    # The clamp at the smallest normal float keeps the gradient finite at total collapse
+    # with eps = 0 (sqrt'(0) = inf times d var / dx = 0 would be NaN); it changes the
+    # value by at most sqrt(tiny) ~ 1e-19.
+    std = torch.sqrt((var + eps).clamp_min(torch.finfo(var.dtype).tiny))
+    return F.relu(1.0 - std).mean()
 
 
 def _covariance_term(xc: Tensor, var: Tensor) -> Tensor:
     n, d = xc.shape
-    if d == 1:  # no off-diagonal entries
-        return xc.new_zeros(())
+    if d == 1:  # no off-diagonal entries: an exact 0 that still has a (zero) gradient
+        return xc.sum() * 0.0
     # sum_{i != j} cov_ij^2 = ||cov||_F^2 - sum_i cov_ii^2, and
     # ||xc^T xc||_F = ||xc xc^T||_F: use the smaller of the (D, D) and (N, N) products.
     gram = xc @ xc.T if n < d else xc.T @ xc
@@ -114,13 +122,14 @@ def variance_loss(x: Tensor, eps: float = 1e-4) -> Tensor:
 
     Args:
         x: Embeddings of shape ``(N, D)``, ``N >= 2`` (unbiased variance).
-        eps: Added to the variance before the square root, >= 0 (0 gives NaN gradients
-            at collapse).
+        eps: Added to the variance before the square root, >= 0 (the sum is clamped at
+            the smallest normal float, so even 0 gives finite gradients at collapse).
 
     Returns:
         Scalar tensor in ``[0, 1)`` (float32, float64 for float64 input).
     """
     _check_batch("x", x)
+    check_finite(("x", x))
     eps = check_float("eps", eps, min_value=0.0)
     with full_precision(x.device):
         _, var = _centred_and_var(x.to(compute_dtype(x)))
@@ -138,6 +147,7 @@ def covariance_loss(x: Tensor) -> Tensor:
         Scalar tensor >= 0 (up to rounding; float32, float64 for float64 input).
     """
     _check_batch("x", x)
+    check_finite(("x", x))
     with full_precision(x.device):
         xc, var = _centred_and_var(x.to(compute_dtype(x)))
         return _covariance_term(xc, var)

@@ -1,4 +1,4 @@
-"""Masks for JEPA training: multi-block sampling, DataLoader collation, index helpers."""
+"""Masks for JEPA training: multi-block sampling, multi-crop views, DataLoader collation, index helpers."""
 
 from jepa_blocks.masking.collate import MaskCollator
 from jepa_blocks.masking.indices import MaskIndices, gather_tokens, mask_to_indices
@@ -8,6 +8,13 @@ from jepa_blocks.masking.multiblock import (
     TargetSpec,
     block_shape,
     sample_multiblock_masks,
+)
+from jepa_blocks.masking.multicrop import (
+    MultiCropBatch,
+    MultiCropCollator,
+    MultiCropMasker,
+    crop_and_resize,
+    sample_crop_boxes,
 )
 
 __all__ = [
@@ -20,4 +27,9 @@ __all__ = [
     "block_shape",
     "sample_multiblock_masks",
     "MaskCollator",
+    "MultiCropMasker",
+    "MultiCropBatch",
+    "MultiCropCollator",
+    "sample_crop_boxes",
+    "crop_and_resize",
 ]

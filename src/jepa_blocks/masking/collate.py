@@ -23,27 +23,11 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 
 from jepa_blocks._checks import check_int
+from jepa_blocks._seeding import mix as _mix
+from jepa_blocks._seeding import splitmix64 as _splitmix64  # noqa: F401  (re-exported for collators)
 from jepa_blocks.masking.multiblock import MultiBlockMasker, MultiBlockMasks
 
 __all__ = ["MaskCollator"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One SplitMix64 step: a bijective, well-mixed map of 64-bit ints."""
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _mix(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ (p & _MASK64))
-    return h
-
 
 class MaskCollator:
     """``collate_fn`` returning ``(collated_batch, masks)`` for a DataLoader.
@@ -101,6 +85,10 @@ class MaskCollator:
 
     def __call__(self, samples: Sequence[Any]) -> tuple[Any, MultiBlockMasks]:
         """Collate ``samples`` and sample masks for ``len(samples)`` of them."""
+        if not hasattr(samples, "__len__") or isinstance(samples, (str, bytes)):
+            raise TypeError(f"samples must be a list of samples, got {type(samples).__name__}")
+        if len(samples) == 0:
+            raise ValueError("samples must hold at least one sample, got an empty batch")
         batch = self.collate_fn(samples)
         masks = self.masker(len(samples), generator=self._next_generator())
         return batch, masks

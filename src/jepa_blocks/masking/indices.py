@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jepa_blocks._checks import check_int, check_tensor
+from jepa_blocks._checks import check_index_range, check_int, check_tensor
 
 __all__ = ["MaskIndices", "mask_to_indices", "gather_tokens"]
 
@@ -89,6 +89,7 @@ class MaskIndices:
     def to_bool_mask(self, num_tokens: int) -> torch.Tensor:
         """Dense form: bool tensor of shape ``(..., num_tokens)``, ``True`` at real ids."""
         check_int("num_tokens", num_tokens, min_value=1)
+        check_index_range("indices", self.indices, num_tokens, what=f"for num_tokens={num_tokens}")
         dense = torch.zeros(
             *self.indices.shape[:-1], num_tokens, dtype=torch.bool, device=self.indices.device
         )
@@ -139,7 +140,7 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor | MaskIndices) -> torch
     Args:
         x: Tokens of shape ``(B, N, D)``.
         indices: Long tensor or ``MaskIndices`` of shape ``(B, K)`` or ``(B, M, K)`` with
-            ids in ``[0, N)``.
+            ids in ``[0, N)`` (checked while value checks are enabled: one host sync).
 
     Returns:
         Tokens of shape ``(B, K, D)`` or ``(B, M, K, D)``. Padding slots hold the token at
@@ -153,13 +154,8 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor | MaskIndices) -> torch
             f"indices batch size {idx.shape[0]} does not match x batch size {x.shape[0]}"
         )
     b, n, d = x.shape
-    # The range check needs a device sync, so it runs on CPU tensors only (on GPU an
-    # out-of-range id still fails inside torch.gather).
-    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(
-            f"indices must lie in [0, {n}) for x with {n} tokens, got range "
-            f"[{int(idx.min())}, {int(idx.max())}]"
-        )
+    # A value check (one host sync; skipped under compile or when value checks are off).
+    check_index_range("indices", idx, n, what=f"for x with {n} tokens")
     flat = idx.reshape(b, -1)
     out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, d))
     return out.reshape(*idx.shape, d)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jepa_blocks._checks import check_bool, check_grid, check_int, check_pair
+from jepa_blocks._checks import check_bool, check_grid, check_int, check_pair, value_checks_enabled
 from jepa_blocks.grid import level_footprint, level_grid_size
 from jepa_blocks.masking.indices import MaskIndices, mask_to_indices
 
@@ -56,6 +56,10 @@ __all__ = [
 
 # Coarsest level's scale bounds may be at most this multiple of level 0's.
 _MAX_LEVEL_SCALE_GROWTH = 1.33
+# Largest supported grid (H * W tokens): sampling holds dense (B, H * W) masks, and the
+# feasibility analysis visits O(sqrt(H * W)) block sizes.
+_MAX_GRID_TOKENS = 2**20
+_MAX_RESAMPLE_ROUNDS = 100
 
 
 @dataclass(frozen=True)
@@ -128,27 +132,42 @@ class MultiBlockMasks:
         dense = self.targets[level].to_bool_mask(gh * gw).any(dim=1)  # (B, gh * gw)
         return mask_to_indices(dense)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiBlockMasks:
-        """Move every tensor to ``device``."""
+    def _map(self, fn) -> MultiBlockMasks:
+        """Apply ``fn`` to every index, validity and box tensor."""
         return MultiBlockMasks(
-            context=self.context.to(device, non_blocking=non_blocking),
-            targets=tuple(t.to(device, non_blocking=non_blocking) for t in self.targets),
+            context=MaskIndices(fn(self.context.indices), fn(self.context.valid)),
+            targets=tuple(MaskIndices(fn(t.indices), fn(t.valid)) for t in self.targets),
             grid_size=self.grid_size,
             level_grids=self.level_grids,
-            context_box=self.context_box.to(device, non_blocking=non_blocking),
-            target_boxes=tuple(b.to(device, non_blocking=non_blocking) for b in self.target_boxes),
+            context_box=fn(self.context_box),
+            target_boxes=tuple(fn(b) for b in self.target_boxes),
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiBlockMasks:
+        """Move every tensor to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> MultiBlockMasks:
         """Pin every tensor (called by ``DataLoader(pin_memory=True)``)."""
-        return MultiBlockMasks(
-            context=self.context.pin_memory(),
-            targets=tuple(t.pin_memory() for t in self.targets),
-            grid_size=self.grid_size,
-            level_grids=self.level_grids,
-            context_box=self.context_box.pin_memory(),
-            target_boxes=tuple(b.pin_memory() for b in self.target_boxes),
-        )
+        return self._map(lambda t: t.pin_memory())
+
+    def rows(self, start: int, stop: int) -> MultiBlockMasks:
+        """The masks of samples ``start .. stop - 1`` (views; padding columns are kept).
+
+        Used to hand each rank its share of masks drawn once for a global batch, so that
+        a run on ``W`` processes sees exactly the masks of a single-process run.
+
+        Args:
+            start: First sample, ``0 <= start < stop``.
+            stop: One past the last sample, ``<= B``.
+
+        Returns:
+            ``MultiBlockMasks`` with batch size ``stop - start``.
+        """
+        batch = self.context.shape[0]
+        start = check_int("start", start, min_value=0, max_value=max(batch - 1, 0))
+        stop = check_int("stop", stop, min_value=start + 1, max_value=batch)
+        return self._map(lambda t: t[start:stop])
 
 
 # ----------------------------------------------------------------------------- size rule
@@ -167,11 +186,31 @@ def block_shape(
 
     Returns:
         ``(h, w)``: long tensors of shape ``(...)``, ``1 <= h <= gh``, ``1 <= w <= gw``.
+
+    The ranges of ``scale`` and ``aspect_ratio`` are value checks (skipped under
+    ``torch.compile`` or when value checks are off).
     """
     gh, gw = check_grid("grid_size", grid_size)
-    s = torch.as_tensor(scale, dtype=torch.float64)
-    a = torch.as_tensor(aspect_ratio, dtype=torch.float64, device=s.device)
+    s = _real_tensor("scale", scale, None)
+    a = _real_tensor("aspect_ratio", aspect_ratio, s.device)
+    if value_checks_enabled():
+        bad_s = bool(((s <= 0) | (s > 1) | s.isnan()).any())
+        bad_a = bool(((a <= 0) | ~a.isfinite()).any())
+        if bad_s:
+            raise ValueError(f"scale must lie in (0, 1], got values in [{s.min()}, {s.max()}]")
+        if bad_a:
+            raise ValueError(f"aspect_ratio must be finite and > 0, got values in [{a.min()}, {a.max()}]")
     return _block_shape(s, a, float(gh * gw), gh, gw)
+
+
+def _real_tensor(name: str, value: object, device: torch.device | None) -> torch.Tensor:
+    """``value`` (a real number or a real tensor) as a float64 tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real tensor or number, got dtype {value.dtype}")
+    elif isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__array__")):
+        raise TypeError(f"{name} must be a real tensor or number, got {type(value).__name__}")
+    return torch.as_tensor(value, dtype=torch.float64, device=device)
 
 
 def _block_shape(
@@ -210,16 +249,31 @@ def _reachable_shapes(
     keep = gh * gw * scale
     lo, hi = aspect
     points = {lo, hi}
-    for n in range(max(gh, gw) + 1):
-        for b in ((n + 0.5) ** 2 / keep, keep / (n + 0.5) ** 2):
-            if lo < b < hi:
-                points.update((b, math.nextafter(b, -math.inf), math.nextafter(b, math.inf)))
+    # Only h-crossings below the clamp (n < gh) and w-crossings with n < gw can change the
+    # shape, and only those whose breakpoint lies in (lo, hi): visit just those n, so the
+    # cost does not grow with the grid side (a 10^9 grid would otherwise loop 10^9 times).
+    h_ns = _crossings(math.sqrt(keep * lo), math.sqrt(keep * hi), gh)
+    w_ns = _crossings(math.sqrt(keep / hi), math.sqrt(keep / lo), gw)
+    candidates = [(n + 0.5) ** 2 / keep for n in h_ns] + [keep / (n + 0.5) ** 2 for n in w_ns]
+    for b in candidates:
+        if lo < b < hi:
+            points.update((b, math.nextafter(b, -math.inf), math.nextafter(b, math.inf)))
     ordered = sorted(p for p in points if lo <= p <= hi)
     ordered += [(x + y) / 2 for x, y in zip(ordered, ordered[1:], strict=False)]
     shapes: dict[tuple[int, int], float] = {}
     for a in ordered:
         shapes.setdefault(_shape_scalar(keep, a, gh, gw), a)
     return shapes
+
+
+def _crossings(low_root: float, high_root: float, size: int) -> range:
+    """The ``n`` in ``[0, size)`` with ``n + 1/2`` in ``[low_root, high_root]``, one extra each side.
+
+    Robust to ``inf`` roots (an extreme aspect ratio): they are clipped to ``[0, size)``.
+    """
+    start = math.floor(low_root - 0.5) - 1 if low_root - 0.5 < size else size
+    stop = math.ceil(high_root - 0.5) + 2 if high_root - 0.5 < size else size
+    return range(max(start, 0), min(stop, size))
 
 
 def _footprint_extent(n: int, level: int, size: int) -> int:
@@ -277,7 +331,16 @@ def _build_config(
 ) -> _Config:
     grid = check_grid("grid_size", grid_size)
     h0, w0 = grid
-    num_targets = check_int("num_targets", num_targets, min_value=1, max_value=h0 * w0)
+    if h0 * w0 > _MAX_GRID_TOKENS:
+        raise ValueError(
+            f"grid_size must have at most {_MAX_GRID_TOKENS} = 2**20 tokens (H * W), got "
+            f"{grid} = {h0 * w0} tokens"
+        )
+    num_targets = check_int("num_targets", num_targets, min_value=1)
+    if num_targets > h0 * w0:
+        raise ValueError(
+            f"num_targets must be <= the {h0 * w0} cells of grid_size {grid}, got {num_targets}"
+        )
     target_scale = check_pair(
         "target_scale", target_scale, min_value=0.0, min_inclusive=False, max_value=1.0
     )
@@ -293,7 +356,11 @@ def _build_config(
     min_target_tokens = check_int("min_target_tokens", min_target_tokens, min_value=1)
     min_context_tokens = check_int("min_context_tokens", min_context_tokens, min_value=1)
     truncate = check_bool("truncate", truncate)
-    max_resample_rounds = check_int("max_resample_rounds", max_resample_rounds, min_value=0)
+    # Bounded: each round costs ~0.1-10 ms, and a spec that fails 100 rounds needs fixing,
+    # not more rounds (an unbounded retry is what hangs I-JEPA's collator).
+    max_resample_rounds = check_int(
+        "max_resample_rounds", max_resample_rounds, min_value=0, max_value=_MAX_RESAMPLE_ROUNDS
+    )
 
     # -- target specs per level
     if isinstance(levels, int) and not isinstance(levels, bool):
@@ -368,7 +435,7 @@ def _build_config(
     if min_context_tokens > h0 * w0:
         raise ValueError(
             f"min_context_tokens={min_context_tokens} exceeds the {h0}x{w0} = {h0 * w0} tokens "
-            "of the grid"
+            f"of grid_size {grid}"
         )
     ctx_shapes = _reachable_shapes(context_scale[1], context_aspect_ratio, h0, w0)
     max_block = max(h * w for h, w in ctx_shapes)
@@ -379,6 +446,7 @@ def _build_config(
             f"block has {max_block} tokens and the targets cover at least {min_union} of the "
             f"{h0 * w0}, so at most {max_context} context tokens remain; lower "
             "min_context_tokens, raise context_scale or shrink the targets"
+            + (f" (fewer levels than {len(specs)})" if len(specs) > 1 else "")
         )
 
     rows = [(*context_scale, *context_aspect_ratio, h0, w0)]
@@ -602,7 +670,7 @@ class MultiBlockMasker:
     """I-JEPA multi-block masker (see the module docstring for the exact sampling rule).
 
     Args:
-        grid_size: Patch grid ``(H, W)``, or ``n`` for ``(n, n)``.
+        grid_size: Patch grid ``(H, W)``, or ``n`` for ``(n, n)``; at most ``2**20`` tokens.
         num_targets: Target blocks per sample at level 0. With ``levels=L`` (an int),
             level ``l`` has ``max(1, num_targets // 2**l)`` blocks.
         target_scale: ``(low, high)`` fraction of the level grid per target block.
@@ -626,7 +694,7 @@ class MultiBlockMasker:
             target block of the batch; the tokens dropped are a uniformly random subset of
             each list (ascending order kept), not the bottom-right ones. ``valid`` is then
             all ``True`` and cut target blocks are no longer full rectangles.
-        max_resample_rounds: Re-draw rounds for samples below ``min_context_tokens`` before
+        max_resample_rounds: Re-draw rounds (at most 100) for samples below ``min_context_tokens`` before
             a ``RuntimeError`` naming the spec is raised.
 
     Call ``masker(batch_size, *, generator=None, device=None)``. Sampling runs on the

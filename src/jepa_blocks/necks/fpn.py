@@ -12,6 +12,11 @@ level's lateral map; a 3x3 conv then smooths every fused map::
 Inputs may be maps ``(B, C, H, W)`` or ViT token grids ``(B, H * W, C)`` (row-major,
 ``id = row * W + col``); levels may share one resolution (several ViT layers at 14x14),
 then the upsampling is skipped.
+
+Features of another floating dtype than the weights are cast to it (unless autocast is
+on). NaN/Inf features raise ``ValueError`` while value checks are enabled (the default;
+one host sync per forward on an accelerator; ``jepa_blocks.set_value_checks(False)``
+turns them off, and they are skipped under ``torch.compile`` / ``torch.export``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from jepa_blocks._checks import check_choice, check_grid, check_int, check_tensor
+from jepa_blocks._checks import (
+    check_choice,
+    check_finite,
+    check_grid,
+    check_int,
+    check_tensor,
+    match_dtype,
+)
 
 __all__ = ["tokens_to_map", "FPNNeck"]
 
@@ -187,7 +199,9 @@ class FPNNeck(nn.Module):
                     f"{tuple(maps[-1].shape[-2:])}"
                 )
             maps.append(x)
-        return maps
+        check_finite(*((f"features[{i}]", x) for i, x in enumerate(features)))
+        dtype = self.lateral[0].weight.dtype
+        return [match_dtype(x, dtype) for x in maps]
 
     def forward(
         self,

@@ -13,6 +13,12 @@ with ``w_i = theta ** (-i / F)``. Adjacent channels form a pair (interleaved lay
 the RoFormer paper). V-JEPA 2 tiles its sin/cos with ``repeat`` instead of
 ``repeat_interleave`` so that a channel pair is rotated by two different angles, which
 breaks the relative-position property (its PR 15); the tests here check the property.
+
+``RoPE2D.forward`` rejects NaN/Inf positions with ``ValueError`` while value checks are
+enabled (the default; a host sync on an accelerator; ``jepa_blocks.set_value_checks(False)``
+turns them off, and they are skipped under ``torch.compile`` / ``torch.export``). ``q`` and
+``k`` pass through unchecked, and :func:`rope_2d_angles` / :meth:`RoPE2D.cos_sin`, which
+encoders call on every forward with positions they built themselves, never sync.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jepa_blocks._checks import check_float, check_int, check_tensor
+from jepa_blocks._checks import check_finite, check_float, check_int, check_tensor
 
 __all__ = ["rope_2d_angles", "apply_rotary", "RoPE2D"]
 
@@ -65,6 +71,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns:
         Tensor shaped like ``x`` in the dtype of ``x``.
     """
+    check_tensor("x", x, ndim=range(2, 9), kind="float", allow_empty=True)
+    if x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last dimension (channel pairs), got shape {tuple(x.shape)}")
+    pairs = (*x.shape[:-1], x.shape[-1] // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, kind="float", allow_empty=True)
+        try:
+            fits = torch.broadcast_shapes(t.shape, pairs) == pairs
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} must broadcast to {pairs} (x without its last dim, then Dh // 2), "
+                f"got shape {tuple(t.shape)}"
+            )
     x_pairs = x.unflatten(-1, (-1, 2))  # (..., N, Dh/2, 2)
     x0, x1 = x_pairs.unbind(-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -139,6 +160,11 @@ class RoPE2D(nn.Module):
             raise ValueError(
                 f"positions batch {positions.shape[0]} does not match q batch {q.shape[0]}"
             )
+        if positions.ndim == 3 and positions.shape[0] not in (1, k.shape[0]):
+            raise ValueError(
+                f"positions batch {positions.shape[0]} does not match k batch {k.shape[0]}"
+            )
+        check_finite(("positions", positions))
         cos, sin = self.cos_sin(positions)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

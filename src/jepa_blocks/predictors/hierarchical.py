@@ -21,6 +21,12 @@ All blocks of all levels run batched in one pass of ``B * sum_l M_l`` sequences,
 sample-major: sequence ``b * M_total + j`` holds block ``j`` of sample ``b`` where the
 blocks of level 0 come first, then those of level 1, and so on. Padded context tokens and
 padded queries are hidden as attention keys, so they never change a real query's output.
+
+Inputs are validated at ``forward``. A ``context`` with NaN/Inf and ids outside their
+level grid raise ``ValueError`` while value checks are enabled: the default, at the price
+of a host sync per check on an accelerator; ``jepa_blocks.set_value_checks(False)`` turns
+them off, and they are skipped under ``torch.compile`` / ``torch.export``. A ``context``
+of another floating dtype than the weights is cast to it (unless autocast is on).
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ from torch.utils.checkpoint import checkpoint
 from jepa_blocks._checks import (
     check_bool,
     check_choice,
+    check_finite,
     check_float,
     check_grid,
+    check_index_range,
     check_int,
     check_tensor,
+    match_dtype,
 )
 from jepa_blocks.encoders.attention import (
     attention_mask_from_valid,
@@ -91,14 +100,8 @@ def _as_mask_indices(name: str, value: object) -> MaskIndices:
 
 
 def _check_ids_in_range(name: str, ids: torch.Tensor, num_cells: int, grid: tuple[int, int], level: int) -> None:
-    # Needs a device sync, so only on CPU tensors (on GPU a bad id fails in the gather).
-    if ids.device.type == "cpu" and ids.numel():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= num_cells:
-            raise ValueError(
-                f"{name} must hold ids in [0, {num_cells}) of the level-{level} grid {grid}, "
-                f"got range [{low}, {high}]"
-            )
+    # A value check: one host sync, skipped under compile or when value checks are off.
+    check_index_range(name, ids, num_cells, what=f"of the level-{level} grid {grid}")
 
 
 def _pack_blocks(
@@ -364,6 +367,8 @@ class HierarchicalPredictor(nn.Module):
         _check_ids_in_range("context_indices", ctx.indices, self._level_cells[0], self.grid_size, 0)
         ctx = ctx.to(context.device)
         levels, squeeze = self._check_targets(targets, b, context.device)
+        check_finite(("context", context))
+        context = match_dtype(context, self.predictor_embed.weight.dtype)
 
         ids, valid, block_level = _pack_blocks(levels, self._offsets)  # (B, Mt, Q), (Mt,)
         mt, q = ids.shape[1], ids.shape[2]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from jepa_blocks._checks import check_bool, check_choice, check_float, check_int, check_pair
@@ -153,6 +154,39 @@ def unwrap_module(module: nn.Module) -> nn.Module:
                 break
         else:
             return module
+
+
+def _ddp_buffer_group(online: nn.Module) -> Any | None:
+    """Process group of a buffer-broadcasting DDP wrapper around ``online``, else ``None``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = online
+    while not isinstance(module, DistributedDataParallel):
+        for attr in _WRAPPER_ATTRS:  # the wrappers that unwrap_module strips, one at a time
+            inner = getattr(module, attr, None)
+            if isinstance(inner, nn.Module) and inner is not module and _only_child(module, attr):
+                module = inner
+                break
+        else:
+            return None
+    if not module.broadcast_buffers or dist.get_world_size(module.process_group) < 2:
+        return None
+    return module.process_group
+
+
+def _broadcast_from_first_rank(tensors: list[torch.Tensor], group: Any) -> None:
+    """Overwrite ``tensors`` with rank 0's values of ``group``: one broadcast per dtype/device."""
+    src = dist.get_global_rank(group, 0)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for ts in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.broadcast(flat, src=src, group=group)
+        for t, part in zip(ts, flat.split([t.numel() for t in ts]), strict=True):
+            t.copy_(part.view_as(t))
 
 
 def _only_child(module: nn.Module, attr: str) -> bool:
@@ -304,12 +338,22 @@ class EMATarget(nn.Module):
     def update(self, online: nn.Module) -> None:
         """Count one optimizer step; every ``update_every`` calls, move towards ``online``.
 
+        Under DDP, pass the DDP-wrapped module and call this on every rank: each rank's
+        forward updates its own buffers (e.g. BatchNorm statistics of its local batch), so
+        when ``online`` is a ``DistributedDataParallel`` with ``broadcast_buffers=True``
+        (the default) the copied buffers are then broadcast from rank 0 of its process
+        group, as DDP itself does before each forward (a collective; parameters need none,
+        DDP keeps them identical). The EMA copy then stays bitwise identical on every
+        rank. Build the EMATarget from the DDP-wrapped module (or from identically seeded
+        models), so that the copies start identical too.
+
         Args:
             online: The online encoder (possibly DDP / ``torch.compile`` wrapped) with the
                 same parameter and buffer names and shapes as the copy.
         """
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be a torch.nn.Module, got {type(online).__name__}")
+        sync_group = _ddp_buffer_group(online)
         online = unwrap_module(online)
         target_params = list(self.module.named_parameters())
         online_params = _match("parameter", target_params, list(online.named_parameters()))
@@ -323,6 +367,11 @@ class EMATarget(nn.Module):
                 _lerp_params([t for _, t in target_params], online_params, 1.0 - m)
             for (_, t), o in zip(target_buffers, online_buffers, strict=True):
                 t.copy_(o)
+            if sync_group is not None and target_buffers:
+                # Under DDP each rank's forward updates its own buffers (BatchNorm statistics
+                # of its local batch) and DDP re-broadcasts rank 0's at the next forward:
+                # take rank 0's too, so that the targets stay identical on every rank.
+                _broadcast_from_first_rank([t for _, t in target_buffers], sync_group)
         self.num_steps.add_(1)
         self._host_step = step + 1
 

@@ -5,6 +5,9 @@
 * :mod:`~jepa_blocks.training.param_groups`: decayed / not-decayed parameter groups.
 * :mod:`~jepa_blocks.training.checkpoint`: atomic save, checked load, best-N retention and
   RNG state capture for an exact resume.
+* :mod:`~jepa_blocks.training.resumable`: a seeded, rank-sharded sampler and per-sample
+  seeding, for a data order that is exact on resume and under DDP.
+* :mod:`~jepa_blocks.training.nonfinite`: skip NaN/Inf steps, stop after too many.
 """
 
 from jepa_blocks.training.checkpoint import (
@@ -17,11 +20,13 @@ from jepa_blocks.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from jepa_blocks.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from jepa_blocks.training.param_groups import (
     DEFAULT_NO_DECAY_NAMES,
     is_no_decay,
     param_groups_for_weight_decay,
 )
+from jepa_blocks.training.resumable import ResumableSampler, SeededDataset, sample_seed
 from jepa_blocks.training.schedules import OptimizerScheduler, cosine_ramp, warmup_cosine
 
 __all__ = [
@@ -30,12 +35,17 @@ __all__ = [
     "CheckpointError",
     "DEFAULT_NO_DECAY_NAMES",
     "FORMAT_VERSION",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
     "OptimizerScheduler",
+    "ResumableSampler",
+    "SeededDataset",
     "cosine_ramp",
     "is_no_decay",
     "load_checkpoint",
     "param_groups_for_weight_decay",
     "rng_state",
+    "sample_seed",
     "save_checkpoint",
     "set_rng_state",
     "warmup_cosine",

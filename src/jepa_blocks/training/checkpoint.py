@@ -197,6 +197,19 @@ def save_checkpoint(
     return path
 
 
+def _has_torch_record(path: Path) -> bool:
+    """Whether the zip archive at ``path`` lists a ``<name>/data.pkl`` entry (torch.save's).
+
+    A damaged central directory counts as "has one": torch.load then reports the damage.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return True
+    return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names)
+
+
 def _weights_only_reason(err: BaseException) -> str:
     text = str(err)
     match = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
@@ -241,6 +254,11 @@ def load_checkpoint(
             f"checkpoint file '{path}' is truncated or corrupt ({size} bytes, not a "
             "complete zip archive as torch.save writes), or not a file written by "
             "save_checkpoint"
+        )
+    if not _has_torch_record(path):
+        raise CheckpointError(
+            f"'{path}' is not a jepa-blocks checkpoint: it is a zip archive without the "
+            "'<name>/data.pkl' record that torch.save writes"
         )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=weights_only)

@@ -56,6 +56,12 @@ def is_no_decay(
         param: The parameter.
         no_decay_names: Name fragments that force no decay.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"param must be a torch.Tensor, got {type(param).__name__}")
+    if isinstance(no_decay_names, (str, bytes)):  # "token" would match single letters
+        raise TypeError(f"no_decay_names must be a sequence of strings, got {no_decay_names!r}")
     if param.ndim < 2:
         return True
     leaf = _leaf_name(name)
