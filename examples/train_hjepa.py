@@ -22,7 +22,10 @@ into one target set per hierarchy level; the context encoder sees only the conte
 patches (token dropping); the HierarchicalPredictor predicts every level's target blocks;
 the latent loss (smooth-L1 to layer-normed targets, level weights 1.0/0.7/0.5) plus an
 optional SIGReg or VICReg term is minimised with AdamW; the EMA target is updated after
-optimizer.step(). A step whose loss or gradients are NaN/Inf is skipped (no optimizer
+optimizer.step(). Optional terms from neighbouring methods: --reg ntxent|infonce (contrastive,
+pooled context vs the pooled EMA features of a second crop), --pool attention (a learned-query
+pool), --vq-codes N (a VQ codebook with commitment loss), --local-crops N (multi-crop JEPA on
+small crops). A step whose loss or gradients are NaN/Inf is skipped (no optimizer
 or EMA update), logged, and the run stops after --nonfinite-patience such steps in a row.
 
 Reproducibility: every random draw is a function of (seed, epoch, batch) -- the data
