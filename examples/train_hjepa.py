@@ -94,7 +94,6 @@ from jepa_blocks.training import (  # noqa: E402
     SeededDataset,
     load_checkpoint,
     param_groups_for_weight_decay,
-    rng_state,
     sample_seed,
     save_checkpoint,
 )
@@ -325,14 +324,14 @@ def build_local_crops(cfg: Config, predictor: HierarchicalPredictor, world: int)
     if cfg.local_size % cfg.patch_size or not cfg.patch_size <= cfg.local_size <= cfg.img_size:
         raise ValueError(f"--local-size must be a multiple of --patch-size {cfg.patch_size} in "
                          f"[{cfg.patch_size}, {cfg.img_size}], got {cfg.local_size}")
+    if cfg.local_levels > predictor.num_levels:
+        raise ValueError(f"--local-levels must be <= --levels {predictor.num_levels}, got {cfg.local_levels}")
     grid = cfg.local_size // cfg.patch_size
     masker = MultiBlockMasker(grid_size=grid, **{**LOCAL_MASKING_DEFAULTS, "levels": cfg.local_levels},
                               target_scale=cfg.target_scale, context_scale=cfg.context_scale)
     local = HierarchicalPredictor(grid_size=grid, embed_dim=cfg.embed_dim, predictor_dim=cfg.pred_dim,
                                   depth=cfg.pred_depth, num_heads=cfg.pred_heads, num_levels=cfg.local_levels,
                                   pos_embed=cfg.pos_embed).to(next(predictor.parameters()).device)
-    if cfg.local_levels > predictor.num_levels:
-        raise ValueError(f"--local-levels must be <= --levels {predictor.num_levels}, got {cfg.local_levels}")
     for name in ("predictor_embed", "mask_tokens", "blocks", "norm", "heads"):
         setattr(local, name, getattr(predictor, name))  # tie: level l uses mask token and head l
     return masker, local
@@ -485,8 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "vq": vq.state_dict() if vq is not None else {},
                 "pool": unwrap(pool).state_dict() if pool is not None else {},
                 "pool_target": pool_target.state_dict() if pool is not None else {},
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "trained_s": elapsed(), "total_steps": total_steps, "rng": rng_state(),
-                "config": dataclasses.asdict(cfg)}
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "trained_s": elapsed(),
+                "total_steps": total_steps, "config": dataclasses.asdict(cfg)}
 
     writer = None
     if master:

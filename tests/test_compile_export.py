@@ -59,14 +59,6 @@ def random_keep(batch: int, k: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread (two OpenMP threads on two busy cores run ~8x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

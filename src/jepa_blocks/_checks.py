@@ -289,6 +289,29 @@ def check_tensor(
     return value
 
 
+def check_row_pairs(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+    """Both ``(N, D)`` float tensors of the same shape, finite (a value check: one host
+    sync, skipped unless :func:`value_checks_enabled`). Shared by the paired losses."""
+    check_tensor(names[0], a, ndim=2, kind="float")
+    check_tensor(names[1], b, ndim=2, kind="float")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape (N, D), got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    check_finite((names[0], a), (names[1], b))
+
+
+def check_device(name: str, value: Any) -> torch.device:
+    """``value`` (a ``torch.device`` or a device string) as a ``torch.device``."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(
+            f"{name} must be a torch.device, a device string or None, got {value!r}: {err}"
+        ) from err
+
+
 def check_finite(*items: tuple[str, torch.Tensor | None]) -> None:
     """Raise ``ValueError`` naming the first of ``(name, tensor)`` pairs holding NaN or Inf.
 

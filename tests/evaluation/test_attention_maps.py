@@ -8,14 +8,6 @@ from jepa_blocks.evaluation import attention_maps, query_attention, received_att
 from jepa_blocks.masking.indices import mask_to_indices
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _encoder(pos_embed="sincos", fused=True, dtype=torch.float32):
     torch.manual_seed(0)
     enc = ViTEncoder(img_size=(12, 16), patch_size=4, embed_dim=32, depth=3, num_heads=2,

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jepa_blocks._checks import check_bool, check_choice, check_float, check_index_range, check_int
+from jepa_blocks._checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_index_range,
+    check_int,
+)
 from jepa_blocks.evaluation.features import _split_batch, pool_tokens
 from jepa_blocks.training.param_groups import is_no_decay
 from jepa_blocks.training.schedules import OptimizerScheduler
@@ -296,12 +303,7 @@ def finetune(
     if device is None:
         first = next(encoder.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise (TypeError if isinstance(err, TypeError) else ValueError)(
-            f"device must be a torch.device, a device string or None, got {device!r}: {err}"
-        ) from err
+    device = check_device("device", device)
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):

@@ -22,23 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from jepa_blocks._checks import check_finite, check_tensor
 from jepa_blocks.distributed import all_reduce_with_grad, gather_with_grad, is_distributed
 
-__all__ = ["check_pairs", "gather_rows", "global_mean", "sync_grad", "unit_rows"]
-
-
-def check_pairs(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
-    """Both ``(N, D)`` float tensors of the same shape with ``N >= 1``, finite (a value
-    check: one host sync, skipped unless ``value_checks_enabled()``)."""
-    check_tensor(names[0], a, ndim=2, kind="float")
-    check_tensor(names[1], b, ndim=2, kind="float")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape (N, D), got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    check_finite((names[0], a), (names[1], b))
+__all__ = ["gather_rows", "global_mean", "sync_grad", "unit_rows"]
 
 
 def unit_rows(x: Tensor) -> Tensor:

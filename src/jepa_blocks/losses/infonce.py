@@ -46,11 +46,11 @@ from jepa_blocks._checks import (
     check_bool,
     check_float,
     check_pair,
+    check_row_pairs,
     check_tensor,
     value_checks_enabled,
 )
 from jepa_blocks.losses._contrastive import (
-    check_pairs,
     gather_rows,
     global_mean,
     sync_grad,
@@ -108,7 +108,7 @@ def _info_nce(
     symmetric: bool,
     gather_distributed: bool,
 ) -> Tensor:
-    check_pairs(query, key, ("query", "key"))
+    check_row_pairs(query, key, ("query", "key"))
     dtype = compute_dtype(query, key)
     with full_precision(query.device):
         if isinstance(temperature, Tensor):
@@ -252,7 +252,7 @@ class InfoNCELoss(nn.Module):
             logging (the temperature's gradient flows through ``total``; use
             :meth:`temperature_tensor` to put a term of your own on it).
         """
-        check_pairs(query, key, ("query", "key"))
+        check_row_pairs(query, key, ("query", "key"))
         dtype = compute_dtype(query, key)
         with full_precision(query.device):
             t = self.temperature_tensor(dtype).to(query.device)

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jepa_blocks._checks import check_bool, check_float
-from jepa_blocks.losses._contrastive import check_pairs, gather_rows, global_mean, unit_rows
+from jepa_blocks._checks import check_bool, check_float, check_row_pairs
+from jepa_blocks.losses._contrastive import gather_rows, global_mean, unit_rows
 from jepa_blocks.losses._precision import compute_dtype, full_precision
 
 __all__ = ["NTXentLoss", "ntxent_loss"]
@@ -75,7 +75,7 @@ def _ntxent(
     gather_distributed: bool,
     names: tuple[str, str],
 ) -> Tensor:
-    check_pairs(z_a, z_b, names)
+    check_row_pairs(z_a, z_b, names)
     dtype = compute_dtype(z_a, z_b)
     with full_precision(z_a.device):
         return _ntxent_value(z_a.to(dtype), z_b.to(dtype), temperature, gather_distributed)

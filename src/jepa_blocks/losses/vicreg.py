@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jepa_blocks._checks import check_bool, check_finite, check_float, check_tensor
+from jepa_blocks._checks import check_bool, check_finite, check_float, check_row_pairs, check_tensor
 from jepa_blocks.distributed import gather_with_grad
 from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
@@ -56,17 +56,6 @@ def _check_batch(name: str, x: Tensor) -> Tensor:
             f"got shape {tuple(x.shape)}"
         )
     return x
-
-
-def _check_pair(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> None:
-    check_tensor(names[0], x, ndim=2, kind="float")
-    check_tensor(names[1], y, ndim=2, kind="float")
-    if x.shape != y.shape:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape, got {tuple(x.shape)} "
-            f"and {tuple(y.shape)}"
-        )
-    check_finite((names[0], x), (names[1], y))
 
 
 # ---- kernels on trusted, float32/float64 tensors ----------------------------------------
@@ -111,7 +100,7 @@ def invariance_loss(x: Tensor, y: Tensor) -> Tensor:
     Returns:
         Scalar tensor (float32, float64 for float64 input).
     """
-    _check_pair(x, y)
+    check_row_pairs(x, y, ("x", "y"))
     dtype = compute_dtype(x, y)
     with full_precision(x.device):
         return F.mse_loss(x.to(dtype), y.to(dtype))
@@ -203,7 +192,7 @@ def _vicreg(
     gather_distributed: bool,
     names: tuple[str, str],
 ) -> LossOutput:
-    _check_pair(x, y, names)
+    check_row_pairs(x, y, names)
     lambda_param = check_float("lambda_param", lambda_param, min_value=0.0)
     mu_param = check_float("mu_param", mu_param, min_value=0.0)
     nu_param = check_float("nu_param", nu_param, min_value=0.0)

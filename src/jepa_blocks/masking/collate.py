@@ -24,7 +24,6 @@ from torch.utils.data import default_collate, get_worker_info
 
 from jepa_blocks._checks import check_int
 from jepa_blocks._seeding import mix as _mix
-from jepa_blocks._seeding import splitmix64 as _splitmix64  # noqa: F401  (re-exported for collators)
 from jepa_blocks.masking.multiblock import MultiBlockMasker, MultiBlockMasks
 
 __all__ = ["MaskCollator"]

@@ -55,6 +55,7 @@ from einops import rearrange
 from torch.utils.data import default_collate
 
 from jepa_blocks._checks import (
+    check_device,
     check_grid,
     check_int,
     check_pair,
@@ -165,12 +166,7 @@ def sample_crop_boxes(
     aspect = check_pair("aspect", aspect, min_value=0.0, min_inclusive=False)
     generator = _check_generator(generator)
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise (TypeError if isinstance(err, TypeError) else ValueError)(
-                f"device must be a torch.device, a device string or None, got {device!r}: {err}"
-            ) from err
+        device = check_device("device", device)
     sample_device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(
         batch_size, num_crops, 4, generator=generator, device=sample_device, dtype=torch.float64

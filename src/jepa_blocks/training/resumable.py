@@ -57,18 +57,17 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     Args:
         data_source: The dataset (only its length is used) or its length.
-        global_batch_size: Samples per global batch (all ranks together, one micro-step);
-            must be a multiple of ``world_size``.
+        global_batch_size: Samples per global batch (all ranks together); must be a
+            multiple of ``world_size``.
         rank: This process's rank, ``0 <= rank < world_size``.
         world_size: Number of processes sharing each global batch.
         seed: Seed of the per-epoch permutation and of the per-sample seeds.
         shuffle: Permute the dataset each epoch (else the natural order).
 
-    Yields:
-        ``(index, sample_seed)`` for the ``global_batch_size // world_size`` samples of this
-        rank in each remaining global batch of the epoch. Wrap the dataset in
-        :class:`SeededDataset` to consume these keys, and give the DataLoader
-        ``batch_size=global_batch_size // world_size`` and ``drop_last=True``.
+    Iterating yields ``(index, sample_seed)`` keys for the
+    ``global_batch_size // world_size`` samples of this rank in each remaining global batch
+    of the epoch. Wrap the dataset in :class:`SeededDataset` to consume these keys, and give
+    the DataLoader ``batch_size=global_batch_size // world_size`` and ``drop_last=True``.
 
     Example:
         >>> sampler = ResumableSampler(10, global_batch_size=4, seed=0)
