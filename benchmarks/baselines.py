@@ -1,8 +1,8 @@
 """Straightforward re-implementations of the reference loss formulas, timed beside ours.
 
-These are written for the benchmark from the published formulas (see
-``/work/shared/REFERENCES.md``), following the *structure* of the reference code so that
-their cost is representative of it, not copied from it:
+These are written for the benchmark from the published formulas (SIGReg: LeJEPA,
+Balestriero & LeCun 2025; VICReg: Bardes et al. 2022), following the *structure* of the
+reference code so that their cost is representative of it, not copied from it:
 
 * :func:`sigreg_baseline` has LeJEPA's structure: one ``randn(D, K)`` draw normalised
   without an eps, projections ``x @ A``, the full ``(N, K, knots)`` tensor of arguments

@@ -123,16 +123,23 @@ class MultiView:
 
 
 def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
-                       views: int = 1):
-    """Minimal JEPA augmentation: random resized crop and horizontal flip, no colour jitter.
+                       views: int = 1, color_jitter: float = 0.0, grayscale: float = 0.0):
+    """Random resized crop and horizontal flip, optionally colour jitter and grayscale.
 
-    With ``views > 1`` each image yields that many independent crops, stacked.
+    ``color_jitter = s > 0`` applies brightness, contrast and saturation jitter of strength
+    ``s`` and hue jitter ``s / 4`` with probability 0.8 (SimCLR's recipe at ``s = 0.4``);
+    ``grayscale`` is the probability of a grayscale view. With ``views > 1`` each image
+    yields that many independent views, stacked.
     """
     from torchvision import transforms as T
 
     ops = [T.RandomResizedCrop(img_size, scale=crop_scale, antialias=True)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
+    if color_jitter > 0:
+        ops.append(T.RandomApply([T.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8))
+    if grayscale > 0:
+        ops.append(T.RandomGrayscale(p=grayscale))
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     transform = T.Compose(ops)
     return MultiView(transform, views) if views > 1 else transform
@@ -148,7 +155,8 @@ def eval_transform(img_size: int):
 
 
 def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_size: int, root: str = "data",
-                   download: bool = False, views: int = 1, crop_scale: tuple[float, float] = (0.3, 1.0)):
+                   download: bool = False, views: int = 1, crop_scale: tuple[float, float] = (0.3, 1.0),
+                   color_jitter: float = 0.0, grayscale: float = 0.0):
     """The pretraining set and (train, val) evaluation views of one source.
 
     A folder (or digits) is split into stratified train/val parts with ``val_fraction``;
@@ -161,7 +169,8 @@ def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_si
     else:
         train_idx, val_idx = stratified_split(base.targets, val_fraction=val_fraction, seed=seed)
         val_base = base
-    pretrain = WithTransform(base, train_idx, pretrain_transform(img_size, views=views, crop_scale=crop_scale))
+    pretrain = WithTransform(base, train_idx, pretrain_transform(img_size, views=views, crop_scale=crop_scale,
+                                                                  color_jitter=color_jitter, grayscale=grayscale))
     eval_train = WithTransform(base, train_idx, eval_transform(img_size))
     eval_val = WithTransform(val_base, val_idx, eval_transform(img_size))
     return pretrain, eval_train, eval_val

@@ -58,20 +58,19 @@ from data import (  # noqa: E402
     pretrain_transform,
     stratified_split,
 )
+from runtime import pooled_features  # noqa: E402
 
 from jepa_blocks import EMATarget, ViTEncoder  # noqa: E402
 from jepa_blocks.evaluation import (  # noqa: E402
     collapse_stats,
-    extract_features,
     few_shot_accuracy,
     finetune,
     isotropy,
     knn_accuracy,
     linear_probe,
-    pool_tokens,
     uniformity,
 )
-from jepa_blocks.grid import level_grid_size, pool_grid_tokens  # noqa: E402
+from jepa_blocks.grid import level_grid_size  # noqa: E402
 from jepa_blocks.training import load_checkpoint  # noqa: E402
 
 
@@ -199,17 +198,9 @@ def main(argv=None) -> dict:
     loaders = [DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers) for ds in (bank, test)]
     levels = cfg.get("levels", 1) if args.per_level else 0
 
-    # 1. Features: average-pooled final tokens (+ per-level spatial features).
-    def embed(images):
-        tokens = encoder(images).tokens.float()
-        feats = [pool_tokens(tokens)]
-        grid = encoder.grid_size_for(images)
-        for level in range(levels):
-            feats.append(pool_grid_tokens(tokens, grid, level=level).flatten(1))
-        return torch.cat(feats, dim=1)
-
-    xtr, ytr = extract_features(embed, loaders[0], device=device)
-    xte, yte = extract_features(embed, loaders[1], device=device)
+    # 1. Features: average-pooled final tokens (+ per-level spatial features), extracted
+    #    exactly as the trainer's final evaluation does (runtime.pooled_features).
+    xtr, ytr, xte, yte = pooled_features(encoder, loaders, device, levels=levels)
     dim = cfg["embed_dim"]
 
     # 2. Metrics on the pooled features, then per level.

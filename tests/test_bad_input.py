@@ -33,14 +33,7 @@ from torch import nn
 
 from jepa_blocks import value_checks
 from jepa_blocks.distributed import all_reduce_with_grad, gather_with_grad
-from jepa_blocks.encoders import (
-    Attention,
-    EncoderTokens,
-    TransformerBlock,
-    ViTEncoder,
-    attention_mask_from_valid,
-    export_encoder,
-)
+from jepa_blocks.encoders import EncoderTokens, ViTEncoder, export_encoder
 from jepa_blocks.evaluation import (
     anisotropy,
     attention_maps,
@@ -67,9 +60,19 @@ from jepa_blocks.evaluation import (
     uniformity,
 )
 from jepa_blocks.grid import level_footprint, level_grid_size, pool_grid_tokens, token_positions
+from jepa_blocks.layers import (
+    Attention,
+    TransformerBlock,
+    attention_mask_from_valid,
+    dot_product_attention,
+    init_transformer_weights,
+    rescale_residual_branches,
+    transformer_stack,
+)
 from jepa_blocks.losses import (
     InfoNCELoss,
     LatentPredictionLoss,
+    LeJEPALoss,
     NTXentLoss,
     SIGRegLoss,
     VICRegLoss,
@@ -78,6 +81,7 @@ from jepa_blocks.losses import (
     invariance_loss,
     latent_prediction_loss,
     lejepa_loss,
+    lejepa_view_loss,
     ntxent_loss,
     sigreg,
     sigreg_directions,
@@ -98,7 +102,13 @@ from jepa_blocks.masking import (
     sample_crop_boxes,
     sample_multiblock_masks,
 )
-from jepa_blocks.necks import FPNNeck, tokens_to_map
+from jepa_blocks.necks import (
+    FPNNeck,
+    GlobalBatchNorm1d,
+    MLPProjector,
+    global_batch_norm,
+    tokens_to_map,
+)
 from jepa_blocks.pooling import AttentionPool, attention_pool
 from jepa_blocks.positional import RoPE2D, apply_rotary, rope_2d_angles, sincos_2d, sincos_2d_table
 from jepa_blocks.predictors import HierarchicalPredictor
@@ -789,6 +799,21 @@ CASES += [
         lambda v: Attention(8, num_heads=2)(torch.randn(2, 3, 8), rope=v),
         st.one_of(st.just(torch.ones(3, 2)), st.just((torch.ones(3, 2),))).map(lambda v: (v, TypeError)),
     ),
+    Case(
+        "Attention.forward-return_attention",
+        "return_attention",
+        lambda v: Attention(8, num_heads=2)(torch.randn(2, 3, 8), return_attention=v),
+        bad_bool(),
+    ),
+    Case(
+        "Attention.forward-attn_mask-shape",
+        "attn_mask",
+        lambda v: Attention(8, num_heads=2)(torch.randn(2, 3, 8), attn_mask=v),
+        st.sampled_from(
+            [torch.ones(2, 1, 1, 4, dtype=torch.bool), torch.ones(3, 1, 1, 3, dtype=torch.bool),
+             torch.ones(2, 3, 1, 3, dtype=torch.bool), torch.ones(2, 1, 2, 3, dtype=torch.bool)]
+        ).map(lambda v: (v, ValueError)),
+    ),
     Case("TransformerBlock-dim", "dim", lambda v: TransformerBlock(v, num_heads=1), bad_int(1)),
 ]
 CASES += _ctor_cases(
@@ -823,13 +848,73 @@ CASES += [
         ),
     ),
 ]
+_Q, _K, _V = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 6)
+CASES += _ctor_cases(
+    "dot_product_attention",
+    lambda **kw: dot_product_attention(**{"q": _Q, "k": _K, "v": _V, **kw}),
+    {
+        # q's size is what k and v are checked against: only its rank, dtype and type here.
+        "q": bad_float_tensor((2, 2, 3, 4), finite=False, empty_ok=True, size_dims=()),
+        "k": bad_float_tensor((2, 2, 5, 4), finite=False, empty_ok=True, size_dims=(1, 3)),
+        "v": bad_float_tensor((2, 2, 5, 6), finite=False, empty_ok=True, size_dims=(2,)),
+        "attn_mask": st.one_of(
+            st.sampled_from([torch.ones(2, 1, 1, 5), torch.ones(2, 1, 1, 5, dtype=torch.long), "x"]).map(
+                lambda v: (v, TypeError)
+            ),
+            st.sampled_from(
+                [
+                    torch.ones(2, 5, dtype=torch.bool),
+                    torch.ones(2, 1, 1, 4, dtype=torch.bool),
+                    torch.ones(3, 1, 1, 5, dtype=torch.bool),
+                    torch.ones(2, 3, 1, 5, dtype=torch.bool),
+                    torch.ones(2, 1, 2, 5, dtype=torch.bool),
+                ]
+            ).map(lambda v: (v, ValueError)),
+        ),
+        "dropout_p": bad_float(0.0, 1.0, max_inclusive=False),
+        "fused": bad_bool(),
+        "return_attention": bad_bool(),
+    },
+)
+CASES += _ctor_cases(
+    "transformer_stack",
+    lambda **kw: transformer_stack(**{"dim": 8, "depth": 2, "num_heads": 2, **kw}),
+    {
+        "dim": bad_int(1),
+        "depth": bad_int(1),
+        "num_heads": bad_int(1),
+        "mlp_ratio": bad_float(0.0, min_inclusive=False),
+        "qkv_bias": bad_bool(),
+        "drop_path_rate": bad_float(0.0, 1.0, max_inclusive=False),
+        "layer_scale_init": bad_float(0.0, min_inclusive=False, none_ok=True),
+        "fused_attn": bad_bool(),
+    },
+)
+CASES += _ctor_cases(
+    "init_transformer_weights",
+    lambda **kw: init_transformer_weights(**{"module": nn.Linear(2, 2), **kw}),
+    {
+        "module": st.sampled_from(["x", None, 3, [nn.Linear(2, 2)]]).map(lambda v: (v, TypeError)),
+        "std": bad_float(0.0, min_inclusive=False),
+    },
+)
+CASES += [
+    Case(
+        "rescale_residual_branches-blocks",
+        "blocks",
+        rescale_residual_branches,
+        st.sampled_from(["x", None, 3, nn.Linear(2, 2), [nn.Linear(2, 2)], [TransformerBlock(8, num_heads=2), "x"]]).map(
+            lambda v: (v, TypeError)
+        ),
+    ),
+]
 
 # ---- predictors
 CASES += _ctor_cases(
     "HierarchicalPredictor",
     _pred,
     {
-        "grid_size": bad_grid(),
+        "grid_size": bad_grid(none_ok=True),  # None: no default grid (given at forward)
         "embed_dim": bad_int(1),
         "predictor_dim": bad_int(1),
         "depth": bad_int(1),
@@ -882,6 +967,27 @@ CASES += [
             st.sampled_from([[_T0], [_T0, _T1, _T1]]).map(lambda v: (v, ValueError)),
             st.sampled_from(["x", None, _T0]).map(lambda v: (v, TypeError)),
         ),
+    ),
+    Case(
+        "HierarchicalPredictor.forward-grid_size",
+        "grid_size",
+        lambda v: _pred()(torch.randn(2, 5, 16), context_indices=_CTX_IDS, targets=[_T0, _T1], grid_size=v),
+        st.one_of(
+            bad_grid(none_ok=True),
+            st.sampled_from([1, (1, 1)]).map(lambda v: (v, ValueError)),  # 1 level < num_levels=2
+        ),
+    ),
+    Case(
+        "HierarchicalPredictor.forward-num_levels",
+        "num_levels",
+        lambda v: _pred()(torch.randn(2, 5, 16), context_indices=_CTX_IDS, targets=[_T0, _T1], num_levels=v),
+        bad_int(1, 2, none_ok=True),  # None: every level
+    ),
+    Case(
+        "HierarchicalPredictor.forward-no-grid_size",
+        "grid_size",
+        lambda v: _pred(grid_size=None)(torch.randn(2, 5, 16), context_indices=_CTX_IDS, targets=[_T0, _T1], grid_size=v),
+        st.just((None, ValueError)),
     ),
     Case(
         "HierarchicalPredictor.set_grad_checkpointing-enable",
@@ -1048,6 +1154,37 @@ CASES += _ctor_cases(
         "gather_distributed": bad_bool(),
     },
 )
+CASES += _ctor_cases(
+    "LeJEPALoss",
+    LeJEPALoss,
+    {
+        "lam": bad_float(0.0, 1.0),
+        "num_global_views": bad_int(1, none_ok=True),
+        "num_directions": bad_int(1),
+        "seed": bad_int(0),
+        "gather_distributed": bad_bool(),
+    },
+)
+CASES += [
+    Case(
+        "LeJEPALoss.forward-z",
+        "z",
+        lambda v: LeJEPALoss(num_directions=8)(v),
+        bad_float_tensor((2, 6, 4), size_dims=(), bad_ranks=(2, 4)),
+    ),
+    Case(
+        "lejepa_view_loss-num_global_views",
+        "num_global_views",
+        lambda v: lejepa_view_loss(torch.randn(3, 6, 4), sigreg=SIGRegLoss(num_directions=8), num_global_views=v),
+        bad_int(1, 3, none_ok=True),
+    ),
+    Case(
+        "lejepa_view_loss-lam",
+        "lam",
+        lambda v: lejepa_view_loss(torch.randn(2, 6, 4), sigreg=SIGRegLoss(num_directions=8), lam=v),
+        bad_float(0.0, 1.0),
+    ),
+]
 CASES += [
     Case(
         "SIGRegLoss.forward-x",
@@ -1250,6 +1387,26 @@ CASES += [
 ]
 
 # ---- necks
+CASES += _ctor_cases(
+    "MLPProjector",
+    lambda **kw: MLPProjector(**{"in_dim": 4, **kw}),
+    {
+        "in_dim": bad_int(1),
+        "out_dim": bad_int(1),
+        "norm": bad_choice(("batch", "layer", "none")),
+        "distributed": bad_bool(),
+        "eps": bad_float(0.0, min_inclusive=False),
+    },
+)
+CASES += [
+    Case("MLPProjector.forward-x", "x", lambda v: MLPProjector(in_dim=4, out_dim=2)(v),
+         bad_float_tensor((6, 4), size_dims=(1,), bad_ranks=(1,))),
+    Case("GlobalBatchNorm1d-distributed", "distributed", lambda v: GlobalBatchNorm1d(4, distributed=v), bad_bool()),
+    Case("GlobalBatchNorm1d.forward-x", "x", lambda v: GlobalBatchNorm1d(4)(v),
+         bad_float_tensor((6, 4), size_dims=(), bad_ranks=(1, 3))),
+    Case("global_batch_norm-x", "x", lambda v: global_batch_norm(v),
+         bad_float_tensor((6, 4), size_dims=(), bad_ranks=(1, 3))),
+]
 CASES += _ctor_cases(
     "FPNNeck",
     lambda **kw: FPNNeck(**{"in_channels": [4, 8], "out_channels": 4, **kw}),

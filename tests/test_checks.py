@@ -1,19 +1,29 @@
 """Value checks (``jepa_blocks._checks``): the switch, the helpers, and tracing.
 
-Checks that read tensor data (NaN/Inf, index ranges) must run by default, stop when the
-user turns them off, and never run while ``torch.compile`` or ``torch.export`` trace (a
-host sync there is a graph break, or an export error).
+Checks that read tensor data (NaN/Inf, index ranges) must run by default, follow the
+environment variable ``JEPA_BLOCKS_VALUE_CHECKS``, ``set_value_checks`` and the
+``value_checks`` context manager (per thread, nested, restored on errors), and never run
+while ``torch.compile`` or ``torch.export`` trace (a host sync there is a graph break, or
+an export error).
 """
 
 from __future__ import annotations
+
+import doctest
+import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
 import jepa_blocks._checks as checks
 from jepa_blocks._checks import (
+    VALUE_CHECKS_ENV_VAR,
     check_finite,
     check_index_range,
+    check_pair,
     check_tensor,
     match_dtype,
     set_value_checks,
@@ -49,6 +59,98 @@ def test_switch_and_context_manager():
     with pytest.raises(KeyError), value_checks(False):  # restored on errors too
         raise KeyError("x")
     assert value_checks_enabled()
+
+
+def test_context_manager_restores_on_exception_and_nests():
+    set_value_checks(False)  # the process-wide default
+    with pytest.raises(RuntimeError, match="boom"):
+        with value_checks(True):
+            assert value_checks_enabled()
+            with value_checks(False):
+                assert not value_checks_enabled()
+                raise RuntimeError("boom")
+    assert not value_checks_enabled()  # both blocks undone: back to the default
+    with value_checks(True):
+        set_value_checks(False)  # a default set inside a block waits for the block's end
+        assert value_checks_enabled()
+        set_value_checks(True)
+    assert value_checks_enabled()
+    with value_checks(False), value_checks(False), value_checks(True):  # same value twice
+        assert value_checks_enabled()
+    assert value_checks_enabled()
+
+
+def test_context_manager_is_per_thread_and_the_default_is_process_wide():
+    seen = {}
+
+    def other(key):
+        seen[key] = value_checks_enabled()
+
+    with value_checks(False):
+        thread = threading.Thread(target=other, args=("during block",))
+        thread.start()
+        thread.join()
+        assert not value_checks_enabled()
+    set_value_checks(False)
+    thread = threading.Thread(target=other, args=("default off",))
+    thread.start()
+    thread.join()
+    assert seen == {"during block": True, "default off": False}
+
+
+def _enabled_in_subprocess(value: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != VALUE_CHECKS_ENV_VAR}
+    if value is not None:
+        env[VALUE_CHECKS_ENV_VAR] = value
+    code = (
+        "import jepa_blocks\n"
+        "print(jepa_blocks.value_checks_enabled())\n"
+        "with jepa_blocks.value_checks(True):\n"
+        "    print(jepa_blocks.value_checks_enabled())\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_environment_variable_sets_the_default():
+    """Read at import (a fresh interpreter; the spellings are tested below, in-process)."""
+    proc = _enabled_in_subprocess(" Off ")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]  # the context manager still overrides
+
+
+def test_environment_variable_rejects_other_values():
+    proc = _enabled_in_subprocess("maybe")
+    assert proc.returncode != 0
+    assert "ValueError" in proc.stderr and VALUE_CHECKS_ENV_VAR in proc.stderr
+    assert "'maybe'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("TRUE", True), ("on", True), ("", True), ("0", False), (" Off ", False)],
+)
+def test_environment_variable_spellings(value, expected):
+    assert checks._default_from_env({VALUE_CHECKS_ENV_VAR: value}) is expected
+    assert checks._default_from_env({}) is True
+    with pytest.raises(ValueError, match=VALUE_CHECKS_ENV_VAR):
+        checks._default_from_env({VALUE_CHECKS_ENV_VAR: "2"})
+
+
+def test_docstring_examples():
+    result = doctest.testmod(checks)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_check_pair():
+    assert check_pair("r", (0.1, 0.5), min_value=0.0, max_value=1.0) == (0.1, 0.5)
+    with pytest.raises(ValueError, match=r"r\[1\] must be < 1.0"):
+        check_pair("r", (0.1, 1.0), max_value=1.0, max_inclusive=False)
+    with pytest.raises(ValueError, match=r"r\[0\] must be > 0.0"):
+        check_pair("r", (0.0, 1.0), min_value=0.0, min_inclusive=False)
+    with pytest.raises(ValueError, match="low <= high"):
+        check_pair("r", (0.5, 0.1))
 
 
 @pytest.mark.parametrize("bad", [1, 0, "no", None])
@@ -108,6 +210,21 @@ def test_match_dtype_casts_unless_autocast():
     assert match_dtype(x, torch.float16) is x
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert match_dtype(x, torch.float32) is x  # autocast decides
+
+
+def test_autocast_query_before_torch_2_4(monkeypatch):
+    """torch 2.2 / 2.3: ``is_autocast_enabled()`` takes no device (CUDA), CPU has its own."""
+    state = {"cuda": False, "cpu": True}
+
+    def cuda_only():  # the old signature: no argument
+        return state["cuda"]
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", cuda_only)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: state["cpu"], raising=False)
+    query = checks._autocast_query()
+    assert (query("cpu"), query("cuda"), query("mps")) == (True, False, False)
+    state.update(cuda=True, cpu=False)
+    assert (query("cpu"), query("cuda"), query("mps")) == (False, True, False)
 
 
 def _losses(x, y, valid, directions, idx):

@@ -22,12 +22,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from jepa_blocks._checks import value_checks
-from jepa_blocks.encoders import (
-    EncoderTokens,
-    ViTEncoder,
-    attention_mask_from_valid,
-    export_encoder,
-)
+from jepa_blocks.encoders import EncoderTokens, ViTEncoder, export_encoder
+from jepa_blocks.layers import attention_mask_from_valid
 from jepa_blocks.losses import LatentPredictionLoss, SIGRegLoss, VICRegLoss
 from jepa_blocks.masking import MaskIndices, MultiBlockMasker
 from jepa_blocks.predictors import HierarchicalPredictor

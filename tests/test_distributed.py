@@ -1,4 +1,5 @@
-"""Tests for jepa_blocks.distributed: identity without a group, 2-process gloo semantics.
+"""Tests for jepa_blocks.distributed: identity without a group, 2-process gloo semantics,
+and the unwrapping of DDP / FSDP / ``torch.compile`` wrappers.
 
 The losses that gather across ranks are also checked end to end here, through a
 DDP-wrapped model (what users see): every rank gets the global-batch value, and after
@@ -21,6 +22,8 @@ from jepa_blocks.distributed import (
     all_reduce_with_grad,
     gather_with_grad,
     is_distributed,
+    module_wrappers,
+    unwrap_module,
     world_size,
 )
 from jepa_blocks.losses import SIGRegLoss, VICRegLoss
@@ -215,3 +218,53 @@ def _worker_loss_under_ddp(rank: int, world: int, case: str) -> None:
 @pytest.mark.parametrize("case", sorted(_LOSS_CASES))
 def test_gloo_losses_global_value_and_exact_ddp_gradients(run_gloo, case):
     run_gloo(_worker_loss_under_ddp, case)
+
+
+# ---- unwrapping -------------------------------------------------------------------------
+
+
+class _Holder(nn.Module):
+    """Holds a child called ``module`` but has parameters of its own: not a wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 1)
+
+
+def test_unwrap_module_strips_compile_and_data_parallel_in_any_nesting():
+    model = _tiny_model()
+    assert unwrap_module(model) is model and module_wrappers(model) == []
+    compiled = torch.compile(model)  # nothing is compiled until called
+    assert unwrap_module(compiled) is model and module_wrappers(compiled) == [compiled]
+    dp = nn.DataParallel(model)  # without GPUs a plain holder of .module
+    nested = torch.compile(dp)
+    assert module_wrappers(nested) == [nested, dp]
+    assert unwrap_module(nested) is model
+    assert list(unwrap_module(nested).state_dict()) == list(model.state_dict())  # no prefixes
+    holder = _Holder()
+    assert unwrap_module(holder) is holder and module_wrappers(holder) == []
+    assert unwrap_module(torch.compile(holder)) is holder
+    with pytest.raises(TypeError, match="module"):
+        unwrap_module("model")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="module"):
+        module_wrappers(None)  # type: ignore[arg-type]
+
+
+def _worker_unwrap(rank: int, world: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = _tiny_model()
+    ddp = DDP(model)
+    assert unwrap_module(ddp) is model
+    compiled = torch.compile(ddp)
+    assert module_wrappers(compiled) == [compiled, ddp] and unwrap_module(compiled) is model
+    for use_orig_params in (False, True):
+        inner = _tiny_model()
+        fsdp = FSDP(inner, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        assert unwrap_module(fsdp) is inner and module_wrappers(fsdp) == [fsdp]
+
+
+@pytest.mark.distributed
+def test_gloo_unwrap_module_strips_ddp_and_fsdp(run_gloo):
+    run_gloo(_worker_unwrap)

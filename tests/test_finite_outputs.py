@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jepa_blocks.encoders import Attention, TransformerBlock, ViTEncoder, attention_mask_from_valid
+from jepa_blocks.encoders import ViTEncoder
 from jepa_blocks.evaluation import (
     anisotropy,
     collapse_stats,
@@ -26,6 +26,7 @@ from jepa_blocks.evaluation import (
     rank_ratio,
     uniformity,
 )
+from jepa_blocks.layers import Attention, TransformerBlock, attention_mask_from_valid
 from jepa_blocks.losses import (
     LatentPredictionLoss,
     SIGRegLoss,

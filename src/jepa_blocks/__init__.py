@@ -6,12 +6,12 @@ subpackage, named by role: :mod:`jepa_blocks.masking`, :mod:`jepa_blocks.encoder
 :mod:`jepa_blocks.positional`, :mod:`jepa_blocks.necks`, :mod:`jepa_blocks.pooling`,
 :mod:`jepa_blocks.quantizers`, :mod:`jepa_blocks.evaluation`, :mod:`jepa_blocks.training`.
 
-Input validation that reads tensor values (NaN/Inf, index ranges: one host sync each) is
-on by default, off while ``torch.compile`` / ``torch.export`` trace, and can be switched
-off with :func:`set_value_checks` or the :func:`value_checks` context manager.
+Input checks that read tensor values (NaN/Inf, index ranges) are a debug mode, set by
+``JEPA_BLOCKS_VALUE_CHECKS``, :func:`set_value_checks` and :func:`value_checks`; see
+the docs' "Value checks" section.
 """
 
-from jepa_blocks._checks import set_value_checks, value_checks
+from jepa_blocks._checks import set_value_checks, value_checks, value_checks_enabled
 from jepa_blocks.encoders import EncoderOutput, ViTEncoder
 from jepa_blocks.losses import (
     InfoNCELoss,
@@ -68,7 +68,8 @@ __all__ = [
     "latent_prediction_loss",
     "sigreg",
     "vicreg_loss",
-    # input validation switch
+    # value checks (a debug mode)
     "set_value_checks",
     "value_checks",
+    "value_checks_enabled",
 ]

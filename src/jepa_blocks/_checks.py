@@ -1,36 +1,61 @@
-"""Argument checks shared by every public block.
+"""Argument checks shared by every public block, and the switch for value checks.
 
 Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, bad
 value) with a message that names the argument, what was expected and what came. Blocks
 call these at their public boundary only; internal code trusts its inputs.
 
-Value checks. Checks of type, shape and dtype only read metadata and always run. Checks
-that read tensor *data* (NaN/Inf, index ranges) need a host sync on an accelerator and
-cannot be traced, so they run only while :func:`value_checks_enabled` is true: they are
-on by default, off while ``torch.compile`` / ``torch.export`` (or ``torch.jit`` / FX)
-trace or a CUDA graph is captured, and the user can turn them off with
-:func:`set_value_checks` or, for a block of code, :func:`value_checks`.
+Value checks are a debug mode. Checks of type, shape and dtype read only metadata and
+always run. Checks that read tensor *values* (NaN/Inf inputs, ids outside their range)
+cost a pass over the tensor and, on an accelerator, a host sync; whether they run is
+decided by (each item overrides the ones before it):
+
+1. the environment variable ``JEPA_BLOCKS_VALUE_CHECKS``, read once when ``jepa_blocks``
+   is imported: ``0`` (or ``false``, ``off``, ``no``) turns them off, ``1`` (``true``,
+   ``on``, ``yes``), an empty value or no variable leaves them on; anything else raises
+   ``ValueError`` at import. Processes that import the library afresh (``torchrun``
+   ranks, spawned ``DataLoader`` workers) read it too; forked ones inherit the state;
+2. :func:`set_value_checks`, which replaces that process-wide default (all threads).
+   Decide once, before a training loop, not inside it;
+3. :func:`value_checks`, a context manager that overrides the default inside its
+   ``with`` block for the current thread (and asyncio task) only, nests, and restores
+   the previous state on exit, exceptions included;
+4. tracing: whatever the setting, they are skipped while ``torch.compile`` /
+   ``torch.export`` (also ``torch.jit``, FX symbolic tracing) trace or a CUDA graph is
+   captured, so that traced code holds no host sync.
+
+:func:`value_checks_enabled` says whether they run now. A training loop decides once and
+wraps the loop::
+
+    with value_checks(debug):  # debug: e.g. a command-line flag
+        for batch in loader:
+            ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
+    "VALUE_CHECKS_ENV_VAR",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_finite",
     "check_float",
+    "check_grid",
     "check_index_range",
     "check_int",
     "check_pair",
-    "check_grid",
+    "check_row_pairs",
     "check_tensor",
+    "has_data",
     "match_dtype",
     "set_value_checks",
     "sum_is_finite",
@@ -43,8 +68,32 @@ try:
 except ImportError:  # pragma: no cover - torch without fake tensors
     _is_fake = None
 
-# The user's switch for checks that read tensor data (see the module docstring).
-_VALUE_CHECKS = True
+#: The environment variable that sets the default of the value checks (see above).
+VALUE_CHECKS_ENV_VAR = "JEPA_BLOCKS_VALUE_CHECKS"
+_ON = ("1", "true", "on", "yes")
+_OFF = ("0", "false", "off", "no")
+
+
+def _default_from_env(environ: Any = os.environ) -> bool:
+    """The default set by :data:`VALUE_CHECKS_ENV_VAR`: ``True`` unless it says off."""
+    raw = environ.get(VALUE_CHECKS_ENV_VAR)
+    value = "" if raw is None else raw.strip().lower()
+    if value in ("", *_ON):
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(
+        f"environment variable {VALUE_CHECKS_ENV_VAR} must be one of {list(_OFF + _ON)} "
+        f"(or empty), got {raw!r}"
+    )
+
+
+# The process-wide default (environment, then set_value_checks) and the override of the
+# current thread / asyncio task (value_checks; None: no override).
+_default = _default_from_env()
+_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "jepa_blocks_value_checks", default=None
+)
 
 
 def _is_tracing() -> bool:
@@ -68,7 +117,7 @@ def _is_tracing() -> bool:
     )
 
 
-def _has_data(t: torch.Tensor) -> bool:
+def has_data(t: torch.Tensor) -> bool:
     """False for tensors without values to read: meta tensors and fake tensors (shape
     propagation, memory estimation), where a value check could only fail."""
     if t.device.type == "meta":
@@ -77,29 +126,29 @@ def _has_data(t: torch.Tensor) -> bool:
 
 
 def value_checks_enabled() -> bool:
-    """Whether checks that read tensor data (NaN/Inf, index ranges) should run now.
+    """Whether checks that read tensor values (NaN/Inf, index ranges) run now.
 
-    ``False`` while ``torch.compile`` or ``torch.export`` trace (also ``torch.jit``, FX
-    symbolic tracing and CUDA graph capture), so that traced code holds no host sync, and
-    when the user turned the checks off with :func:`set_value_checks` or
-    :func:`value_checks`; ``True`` otherwise.
+    ``False`` while tracing (see the module docstring); otherwise the setting of the
+    innermost :func:`value_checks` block of this thread, or, outside any, the process-wide
+    default (``JEPA_BLOCKS_VALUE_CHECKS``, then :func:`set_value_checks`).
     """
-    if not _VALUE_CHECKS:
+    # Tracing first: under torch.compile this returns a constant, so the lookup of the
+    # context variable below is never traced.
+    if _is_tracing():
         return False
-    return not _is_tracing()
+    override = _override.get()
+    return _default if override is None else override
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turn the checks that read tensor data on or off for the whole process.
+    """Set the process-wide default of the value checks (all threads).
 
-    Value checks (NaN/Inf inputs, index ranges) cost one pass over the checked tensors
-    and, on an accelerator, a host sync per check: turn them off for the last few
-    percent of speed once a training run works. Shape, dtype and hyperparameter checks
-    always run. Under ``torch.compile`` / ``torch.export`` they are skipped anyway. The
-    switch is process-wide (shared by all threads).
+    It replaces the default read from ``JEPA_BLOCKS_VALUE_CHECKS`` at import. Decide once,
+    before a training loop (or use :func:`value_checks` around it), not inside it: an
+    active :func:`value_checks` block still overrides it in its thread.
 
     Args:
-        enabled: ``True`` (the default state) to run value checks, ``False`` to skip them.
+        enabled: ``True`` to run value checks, ``False`` to skip them.
 
     Example:
         >>> set_value_checks(False)
@@ -107,13 +156,16 @@ def set_value_checks(enabled: bool) -> None:
         False
         >>> set_value_checks(True)
     """
-    global _VALUE_CHECKS
-    _VALUE_CHECKS = check_bool("enabled", enabled)
+    global _default
+    _default = check_bool("enabled", enabled)
 
 
 @contextlib.contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
-    """Context manager that sets :func:`set_value_checks` and restores the old state.
+    """Run value checks (or not) inside a ``with`` block of the current thread.
+
+    Overrides the process-wide default and any enclosing block; on exit, also through an
+    exception, the previous state comes back. Other threads are not affected.
 
     Args:
         enabled: Whether value checks run inside the ``with`` block.
@@ -125,14 +177,11 @@ def value_checks(enabled: bool) -> Iterator[None]:
         >>> value_checks_enabled()
         True
     """
-    global _VALUE_CHECKS
-    enabled = check_bool("enabled", enabled)
-    previous = _VALUE_CHECKS
-    _VALUE_CHECKS = enabled
+    token = _override.set(check_bool("enabled", enabled))
     try:
         yield
     finally:
-        _VALUE_CHECKS = previous
+        _override.reset(token)
 
 
 def _describe(value: Any) -> str:
@@ -205,22 +254,14 @@ def check_pair(
     """Return a ``(low, high)`` range of floats with ``low <= high``, both in bounds."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise TypeError(f"{name} must be a (low, high) pair of floats, got {_describe(value)}")
-    low = check_float(
-        f"{name}[0]",
-        value[0],
-        min_value=min_value,
-        max_value=max_value,
-        min_inclusive=min_inclusive,
-        max_inclusive=max_inclusive,
-    )
-    high = check_float(
-        f"{name}[1]",
-        value[1],
-        min_value=min_value,
-        max_value=max_value,
-        min_inclusive=min_inclusive,
-        max_inclusive=max_inclusive,
-    )
+    bounds = {
+        "min_value": min_value,
+        "max_value": max_value,
+        "min_inclusive": min_inclusive,
+        "max_inclusive": max_inclusive,
+    }
+    low = check_float(f"{name}[0]", value[0], **bounds)
+    high = check_float(f"{name}[1]", value[1], **bounds)
     if low > high:
         raise ValueError(f"{name} must satisfy low <= high, got ({low}, {high})")
     return low, high
@@ -331,7 +372,7 @@ def check_finite(*items: tuple[str, torch.Tensor | None]) -> None:
     named = [
         (name, t)
         for name, t in items
-        if t is not None and (t.is_floating_point() or t.is_complex()) and t.numel() and _has_data(t)
+        if t is not None and (t.is_floating_point() or t.is_complex()) and t.numel() and has_data(t)
     ]
     if not named:
         return
@@ -355,13 +396,38 @@ def sum_is_finite(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.isfinite(total)
 
 
+def _autocast_query() -> Any:
+    """``device_type -> bool``: whether autocast is on for a device type.
+
+    torch >= 2.4 asks ``torch.is_autocast_enabled(device_type)``; 2.2 and 2.3 have no
+    argument there (CUDA only) and ``torch.is_autocast_cpu_enabled()`` for the CPU (which
+    newer releases deprecate).
+    """
+    query = torch.is_autocast_enabled
+    try:
+        query("cpu")
+    except TypeError:  # torch < 2.4
+        cpu = torch.is_autocast_cpu_enabled
+
+        def legacy(device_type: str) -> bool:
+            if device_type == "cpu":
+                return cpu()
+            return device_type == "cuda" and query()
+
+        return legacy
+    return query
+
+
+_autocast_enabled = _autocast_query()
+
+
 def match_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` cast to ``dtype`` (a module's parameter dtype) unless autocast is on for its device.
 
     Lets a float32 module take float16/bfloat16 inputs (and the reverse) without a dtype
     mismatch error; under autocast the input is left alone so autocast decides.
     """
-    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+    if x.dtype == dtype or _autocast_enabled(x.device.type):
         return x
     return x.to(dtype)
 
@@ -377,7 +443,7 @@ def check_index_range(name: str, ids: torch.Tensor, high: int, *, what: str = ""
         high: Exclusive upper bound.
         what: Optional description of the range for the message, e.g. ``"of the 4x4 grid"``.
     """
-    if not value_checks_enabled() or ids.numel() == 0 or not _has_data(ids):
+    if not value_checks_enabled() or ids.numel() == 0 or not has_data(ids):
         return
     low_high = torch.stack(torch.aminmax(ids)).tolist()
     low, top = int(low_high[0]), int(low_high[1])

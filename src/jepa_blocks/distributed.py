@@ -1,6 +1,7 @@
-"""Collectives that carry gradients, for losses computed on the global batch.
+"""Collectives that carry gradients, for losses computed on the global batch, and the
+unwrapping of DDP / FSDP / ``torch.compile`` wrappers.
 
-Every function works on the default process group and degrades to the identity when
+Every collective works on the default process group and degrades to the identity when
 ``torch.distributed`` is unavailable, not initialised, or has a single process, so a loss
 can call them unconditionally.
 
@@ -25,11 +26,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from jepa_blocks._checks import check_tensor
 
-__all__ = ["all_reduce_with_grad", "gather_with_grad", "is_distributed", "world_size"]
+__all__ = [
+    "all_reduce_with_grad",
+    "gather_with_grad",
+    "is_distributed",
+    "module_wrappers",
+    "unwrap_module",
+    "world_size",
+]
+
+# Attributes in which a wrapper holds the real module: DDP / DataParallel (``module``),
+# ``torch.compile``'s OptimizedModule (``_orig_mod``) and FSDP (``_fsdp_wrapped_module``).
+_WRAPPER_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module")
 
 
 def is_distributed() -> bool:
@@ -130,3 +142,67 @@ def all_reduce_with_grad(x: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def _inner(module: nn.Module) -> nn.Module | None:
+    """The module that ``module`` wraps, or ``None`` if it is no wrapper (see below)."""
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    for attr in _WRAPPER_ATTRS:
+        inner = getattr(module, attr, None)
+        if (
+            isinstance(inner, nn.Module)
+            and inner is not module
+            and all(n.startswith(attr + ".") for n in names)
+        ):
+            return inner
+    return None
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    """``[module, ..., real model]``: each entry wraps the next."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    chain = [module]
+    while (inner := _inner(chain[-1])) is not None:
+        chain.append(inner)
+    return chain
+
+
+def module_wrappers(module: nn.Module) -> list[nn.Module]:
+    """The wrappers around the real model, outermost first (empty for a plain module).
+
+    A wrapper is recognised by duck typing: it holds the wrapped module in ``module``
+    (DDP, DataParallel), ``_orig_mod`` (``torch.compile``'s OptimizedModule) or
+    ``_fsdp_wrapped_module`` (FSDP), and has no parameters or buffers of its own besides
+    that child's. Any other module ends the chain.
+
+    Args:
+        module: A module, possibly wrapped several times (e.g. ``torch.compile(DDP(m))``).
+
+    Returns:
+        The wrappers from ``module`` inwards; the real model is not included.
+    """
+    return _chain(module)[:-1]
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The real model inside DDP / DataParallel, FSDP and ``torch.compile`` wrappers.
+
+    Strips every wrapper of :func:`module_wrappers`, in any nesting; a plain module is
+    returned unchanged. Its ``state_dict`` has the model's own keys (no ``module.`` or
+    ``_orig_mod.`` prefix). Under FSDP (``FullyShardedDataParallel``) the unwrapped
+    module holds this rank's shards: use FSDP's own state-dict API for checkpoints. A
+    module sharded in place by ``fully_shard`` (FSDP2) is no wrapper and comes back as is.
+
+    Args:
+        module: A module, possibly wrapped.
+
+    Returns:
+        The innermost module.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> unwrap_module(torch.compile(model)) is model
+        True
+    """
+    return _chain(module)[-1]

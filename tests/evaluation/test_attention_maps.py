@@ -4,7 +4,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_blocks import ViTEncoder
-from jepa_blocks.evaluation import attention_maps, query_attention, received_attention
+from jepa_blocks.evaluation import (
+    attention_maps,
+    attention_probs,
+    query_attention,
+    received_attention,
+)
 from jepa_blocks.masking.indices import mask_to_indices
 
 
@@ -103,3 +108,29 @@ def test_bad_inputs_name_the_argument():
         query_attention(maps, (3, 4), query=(0, 4))
     with pytest.raises(TypeError, match="query"):
         query_attention(maps, (3, 4), query="a")
+
+
+def test_maps_come_from_the_module_itself():
+    """The chosen block's attention runs once, asked for its probabilities; later blocks never run."""
+    enc = _encoder("rope")
+    images = torch.randn(2, 3, 12, 16)
+    calls = []
+    hooks = [
+        # Runs before attention_maps' own hook: records whether the probabilities came back.
+        block.attn.register_forward_hook(lambda m, a, out, i=i: calls.append((i, isinstance(out, tuple))))
+        for i, block in enumerate(enc.blocks)
+    ]
+    maps = attention_maps(enc, images, layer=1)
+    for h in hooks:
+        h.remove()
+    assert calls == [(0, False), (1, True)]
+    # Same as calling the module with return_attention=True on its own input.
+    seen = {}
+    attn = enc.blocks[1].attn
+    h = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        enc.eval()(images)
+        h.remove()
+        _, probs = attn(seen["x"], **seen["kw"], return_attention=True)
+    torch.testing.assert_close(maps, probs, rtol=0, atol=0)
+    torch.testing.assert_close(attention_probs(attn, seen["x"], **seen["kw"]), probs.detach(), rtol=0, atol=0)

@@ -1,7 +1,5 @@
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from jepa_blocks.evaluation import (
     anisotropy,
@@ -64,6 +62,9 @@ def test_subsampling_is_the_documented_seeded_row_subset():
 
 
 def test_codebook_usage_is_added_when_codes_are_given():
+    from jepa_blocks import quantizers
+
+    assert codebook_usage is quantizers.codebook_usage  # one function, defined with the quantiser
     z = features(40, 4)
     stats = embedding_diagnostics(z, codes=torch.tensor([[0, 2], [2, 5]]), num_codes=8)
     assert set(stats) == KEYS | {"codebook_usage"}
@@ -123,48 +124,3 @@ def test_gradients_and_graph_are_not_touched():
 def test_bad_arguments_name_the_argument(z, kwargs, exc, name):
     with pytest.raises(exc, match=name):
         embedding_diagnostics(z, **kwargs)
-
-
-# --- codebook_usage -------------------------------------------------------------------
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 40).flatmap(
-        lambda k: st.tuples(st.just(k), st.lists(st.integers(0, k - 1), max_size=60))
-    ),
-    st.sampled_from([torch.int64, torch.int32, torch.uint8]),
-)
-def test_codebook_usage_is_the_fraction_of_distinct_codes(case, dtype):
-    k, ids = case
-    codes = torch.tensor(ids, dtype=dtype)
-    usage = codebook_usage(codes, num_codes=k)
-    assert usage == len(set(ids)) / k
-    assert 0.0 <= usage <= 1.0
-    # Shape does not matter, and repeating codes changes nothing.
-    if ids:
-        assert codebook_usage(codes.repeat(3).reshape(3, -1), num_codes=k) == usage
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 30), st.lists(st.integers(-50, 80), min_size=1, max_size=20))
-def test_codebook_usage_rejects_codes_out_of_range(k, ids):
-    codes = torch.tensor(ids)
-    if all(0 <= i < k for i in ids):
-        assert codebook_usage(codes, num_codes=k) == len(set(ids)) / k
-    else:
-        with pytest.raises(ValueError, match="codes"):
-            codebook_usage(codes, num_codes=k)
-
-
-def test_codebook_usage_bad_types_name_the_argument():
-    with pytest.raises(TypeError, match="codes"):
-        codebook_usage(torch.tensor([0.0, 1.0]), num_codes=4)
-    with pytest.raises(TypeError, match="codes"):
-        codebook_usage([0, 1], num_codes=4)
-    with pytest.raises(ValueError, match="num_codes"):
-        codebook_usage(torch.tensor([0]), num_codes=0)
-    with pytest.raises(TypeError, match="num_codes"):
-        codebook_usage(torch.tensor([0]), num_codes=4.0)
-    assert codebook_usage(torch.zeros(0, dtype=torch.long), num_codes=4) == 0.0
-    assert codebook_usage(torch.arange(4), num_codes=4) == 1.0

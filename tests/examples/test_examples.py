@@ -73,6 +73,17 @@ def test_evaluate_and_random_init(trained_run, image_folder, tmp_path, load_exam
     assert "fewshot_2way_1shot" not in random and "finetune_top1" not in random
 
 
+def test_evaluate_reproduces_the_trainers_final_evaluation(trained_run, image_folder, tmp_path, load_example):
+    """One feature setting for both (was: bf16 autocast in the trainer, float32 in evaluate.py)."""
+    evaluate = load_example("evaluate")
+    res = evaluate.main(["--checkpoint", str(trained_run / "last.pt"), "--train-data", str(image_folder),
+                         "--test-data", str(image_folder), "--workers", "0", "--k", "10", "20", "200",
+                         "--out", str(tmp_path / "e.json")])
+    trainer = json.loads((trained_run / "eval.json").read_text())
+    for key in ("knn_top1", "knn_top1_k10", "knn_top1_k200", "linear_top1", "effective_rank"):
+        assert res[key] == pytest.approx(trainer[key], abs=1e-9), key
+
+
 def test_plot_attention_writes_pngs(trained_run, image_folder, tmp_path, load_example):
     plot = load_example("plot_attention")
     written = plot.main(["--run", str(trained_run), "--data", str(image_folder), "--images", "2",

@@ -1,4 +1,4 @@
-"""Every loss computes in float32 whatever the input precision (jepa_blocks.losses._precision).
+"""Every loss computes in float32 whatever the input precision (jepa_blocks._precision).
 
 For each public loss, bf16 / fp16 inputs must give *bitwise* the float32 value (and terms)
 of the same inputs upcast to float32 first, and the input gradients must be the float32

@@ -1,4 +1,4 @@
-"""Tests for jepa_blocks.masking.multicrop (multi-crop views with multi-block masks)."""
+"""Tests for jepa_blocks.masking.multicrop and .crops (multi-crop views with multi-block masks)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from jepa_blocks.masking import (
     crop_and_resize,
     sample_crop_boxes,
 )
-from jepa_blocks.masking.multicrop import _boxes_from_uniform
+from jepa_blocks.masking.crops import _boxes_from_uniform
 
 
 def gen(seed: int = 0) -> torch.Generator:

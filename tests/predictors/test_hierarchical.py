@@ -451,3 +451,128 @@ def test_bad_forward_inputs():
         call(t=[MaskIndices(targets[0].indices[:1], targets[0].valid[:1]), targets[1]])
     with pytest.raises(ValueError, match=r"targets\[0\]"):
         call(t=[torch.zeros(2, 1, 1, 3, dtype=torch.long), targets[1]])
+
+
+# --------------------------------------------------------------------------- grid at forward time
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+@pytest.mark.parametrize("default", [(8, 8), None])
+def test_forward_grid_matches_a_predictor_built_for_that_grid(pos_embed, default):
+    g2 = (5, 6)
+    shared = make_model(default, 2, pos_embed=pos_embed)  # grid_size=None: no default grid
+    built = make_model(g2, 2, pos_embed=pos_embed)
+    built.load_state_dict(shared.state_dict())
+    context, ctx, targets = make_inputs(g2, 2, 3, flat=(1,))
+    out = shared(context, context_indices=ctx, targets=targets, grid_size=g2)
+    ref = built(context, context_indices=ctx, targets=targets)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    if default is not None:  # the default grid still works, and equals passing it
+        context, ctx, targets = make_inputs(default, 2, 2)
+        a = shared(context, context_indices=ctx, targets=targets)
+        b = shared(context, context_indices=ctx, targets=targets, grid_size=default)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_one_predictor_trains_on_global_and_local_crops():
+    model = make_model((8, 8), 2, pos_embed="rope")
+    loss = 0
+    for grid in ((8, 8), (4, 4)):  # global views, then small local crops: same weights
+        context, ctx, targets = make_inputs(grid, 2, 2)
+        out = model(context, context_indices=ctx, targets=targets, grid_size=grid)
+        loss = loss + sum((o * t.valid[..., None]).square().sum() for o, t in zip(out, targets, strict=True))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+@pytest.mark.parametrize("local_grid,local_levels", [((3, 4), 1), ((2, 2), 2)])
+def test_first_levels_on_a_small_grid_match_a_weight_tied_predictor(pos_embed, local_grid, local_levels):
+    """What multi-crop training used to build: a second predictor on the local grid whose
+    every weight is the main one's (level l: mask token and head l). The main predictor
+    called with grid_size and num_levels computes exactly the same."""
+    main = make_model((8, 8), 3, pos_embed=pos_embed, out_dim=[8, 12, 16])
+    tied = make_model(local_grid, local_levels, pos_embed=pos_embed)
+    for name in ("predictor_embed", "mask_tokens", "blocks", "norm", "heads"):
+        setattr(tied, name, getattr(main, name))
+    context, ctx, targets = make_inputs(local_grid, local_levels, 3)
+    out = main(context, context_indices=ctx, targets=targets, grid_size=local_grid, num_levels=local_levels)
+    ref = tied(context, context_indices=ctx, targets=targets)
+    assert len(out) == local_levels
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    # The default grid still predicts every level.
+    context, ctx, targets = make_inputs((8, 8), 3, 2)
+    assert len(main(context, context_indices=ctx, targets=targets)) == 3
+
+
+def test_position_tables_are_cached_per_grid():
+    model = make_model((8, 8), 2)
+    assert list(model._grid_tables) == [(8, 8)]  # the default grid, built at construction
+    context, ctx, targets = make_inputs((4, 6), 2, 2)
+    model(context, context_indices=ctx, targets=targets, grid_size=(4, 6))
+    tables = model._grid_tables[(4, 6)]
+    model(context, context_indices=ctx, targets=targets, grid_size=(4, 6))
+    assert model._grid_tables[(4, 6)] is tables  # reused, not rebuilt
+    assert tables.pos.dtype == torch.float32 and tables.level_cells == [24, 6]
+    assert not any("table" in k or "rope" in k for k in model.state_dict())
+    # .double() / .to() drop the cache; the next call rebuilds it and gives the same result.
+    before = model(context, context_indices=ctx, targets=targets, grid_size=(4, 6))
+    model.double()
+    assert not model._grid_tables
+    after = model(context.double(), context_indices=ctx, targets=targets, grid_size=(4, 6))
+    assert model._grid_tables[(4, 6)].pos.dtype == torch.float32  # cast at use
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b.float(), a, rtol=1e-5, atol=1e-5)
+    # The cache is bounded: the oldest grid goes first.
+    for side in range(1, 2 * hier_module._MAX_CACHED_GRIDS):
+        model._tables_for((side + 1, 3), torch.device("cpu"))
+    assert len(model._grid_tables) == hier_module._MAX_CACHED_GRIDS
+
+
+def test_bad_forward_grid_names_it():
+    model = make_model((8, 8), 3)  # 3 levels: 8, 4, 2
+    context, ctx, targets = make_inputs((8, 8), 3, 2)
+
+    def call(grid, m=model):
+        return m(context, context_indices=ctx, targets=targets, grid_size=grid)
+
+    with pytest.raises(ValueError, match="grid_size.*num_levels=3"):
+        call((2, 2))  # 2 x 2 has 2 levels only
+    with pytest.raises(ValueError, match=r"grid_size\[0\]"):
+        call((0, 8))
+    with pytest.raises(TypeError, match="grid_size"):
+        call("8x8")
+    with pytest.raises(ValueError, match="context_indices"):
+        call((4, 4))  # context ids of the 8 x 8 grid do not fit 4 x 4
+    with pytest.raises(ValueError, match="grid_size must be passed"):
+        call(None, make_model(None, 3))
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="num_levels"):
+            model(context, context_indices=ctx, targets=targets, num_levels=bad)
+    with pytest.raises(TypeError, match="num_levels"):
+        model(context, context_indices=ctx, targets=targets, num_levels=1.0)
+    with pytest.raises(ValueError, match=r"targets must hold one entry per level \(num_levels=2\)"):
+        model(context, context_indices=ctx, targets=targets, num_levels=2)
+    assert len(model(context, context_indices=ctx, targets=targets[:2], num_levels=2)) == 2
+    assert len(model(context, context_indices=ctx, targets=targets[0], num_levels=1)) == 1
+    # Without a default grid, num_levels is checked at forward only.
+    assert make_model(None, 9).num_levels == 9
+
+
+@pytest.mark.slow
+def test_forward_grid_under_torch_compile():
+    torch._dynamo.reset()
+    model = make_model((8, 8), 2, pos_embed="rope", depth=1)
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        for grid in ((8, 8), (4, 6), (4, 6)):
+            context, ctx, targets = make_inputs(grid, 2, 2)
+            out = compiled(context, context_indices=ctx, targets=targets, grid_size=grid)
+            ref = model(context, context_indices=ctx, targets=targets, grid_size=grid)
+            for o, r in zip(out, ref, strict=True):
+                torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

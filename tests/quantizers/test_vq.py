@@ -17,6 +17,7 @@ from jepa_blocks.quantizers import (
     VQOutput,
     code_perplexity,
     codebook_from_ema,
+    codebook_usage,
     nearest_codes,
     squared_distances,
 )
@@ -314,6 +315,48 @@ def test_usage_is_the_fraction_of_codes_in_the_last_rows(batches, buffer_size):
         assert out.usage.item() == pytest.approx(len(set(ids)) / k)
         sequence += ids
         assert vq.usage() == pytest.approx(len(set(sequence[-buffer_size:])) / k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40).flatmap(
+        lambda k: st.tuples(st.just(k), st.lists(st.integers(0, k - 1), max_size=60))
+    ),
+    st.sampled_from([torch.int64, torch.int32, torch.uint8]),
+)
+def test_codebook_usage_is_the_fraction_of_distinct_codes(case, dtype):
+    k, ids = case
+    codes = torch.tensor(ids, dtype=dtype)
+    usage = codebook_usage(codes, num_codes=k)
+    assert usage == len(set(ids)) / k
+    assert 0.0 <= usage <= 1.0
+    # Shape does not matter, and repeating codes changes nothing.
+    if ids:
+        assert codebook_usage(codes.repeat(3).reshape(3, -1), num_codes=k) == usage
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.lists(st.integers(-50, 80), min_size=1, max_size=20))
+def test_codebook_usage_rejects_codes_out_of_range(k, ids):
+    codes = torch.tensor(ids)
+    if all(0 <= i < k for i in ids):
+        assert codebook_usage(codes, num_codes=k) == len(set(ids)) / k
+    else:
+        with pytest.raises(ValueError, match="codes"):
+            codebook_usage(codes, num_codes=k)
+
+
+def test_codebook_usage_bad_types_name_the_argument():
+    with pytest.raises(TypeError, match="codes"):
+        codebook_usage(torch.tensor([0.0, 1.0]), num_codes=4)
+    with pytest.raises(TypeError, match="codes"):
+        codebook_usage([0, 1], num_codes=4)
+    with pytest.raises(ValueError, match="num_codes"):
+        codebook_usage(torch.tensor([0]), num_codes=0)
+    with pytest.raises(TypeError, match="num_codes"):
+        codebook_usage(torch.tensor([0]), num_codes=4.0)
+    assert codebook_usage(torch.zeros(0, dtype=torch.long), num_codes=4) == 0.0
+    assert codebook_usage(torch.arange(4), num_codes=4) == 1.0
 
 
 # ---- resume -----------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from jepa_blocks.distributed import unwrap_module
 from jepa_blocks.targets import EMATarget, ema_update_, momentum_schedule
-from jepa_blocks.targets.ema import _lerp_params, unwrap_module
+from jepa_blocks.targets.ema import _lerp_params
+from jepa_blocks.training import cosine_ramp, warmup_cosine
 
 
 def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
@@ -104,6 +106,26 @@ def test_schedule_monotone_and_bounded(bounds, total, a, b, schedule):
     assert start <= m1 <= m2 <= end
     m3 = momentum_schedule(s1 + 1, total_steps=total, start=start, end=end, schedule=schedule)
     assert m1 <= m3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted),
+    total=st.integers(1, 10**6),
+    a=st.floats(0, 1.1),
+)
+def test_schedule_ramps_are_the_training_schedules_ramps(bounds, total, a):
+    """One ramp for momentum, learning rate and weight decay: equal to the last bit."""
+    start, end = bounds
+    step = int(a * total)
+    cosine = momentum_schedule(step, total_steps=total, start=start, end=end, schedule="cosine")
+    assert cosine == cosine_ramp(step, total_steps=total, start_value=start, final_value=end)
+    linear = momentum_schedule(step, total_steps=total, start=start, end=end)
+    warmup_only = warmup_cosine(
+        step, total_steps=total, warmup_steps=total, start_value=start, peak_value=end,
+        final_value=end,
+    )
+    assert linear == warmup_only
 
 
 # ---------------------------------------------------------------- ema_update_
@@ -256,14 +278,28 @@ def test_no_gradients_reach_target():
     assert not all(torch.equal(p, before[n]) for n, p in online.named_parameters())
 
 
-def test_mode_follows_ema_module():
+def test_copy_always_runs_in_eval_mode():
+    """Was: the copy followed the online module's mode, so dropout / drop-path ran in the
+    target and the regression targets were random (the trainer never called .eval())."""
     online = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
     ema = EMATarget(online, total_steps=3)
-    assert ema.training and ema.module.training
-    ema.eval()
+    assert ema.training and not ema.module.training  # the flag follows, the copy does not
+    ema.train()
+    nn.Sequential(ema).train()  # a parent's .train() neither
     assert not ema.module.training and online.training
-    online.eval()
-    assert not EMATarget(online, total_steps=3).module.training
+    ema.eval()
+    assert not ema.training and not ema.module.training
+
+
+def test_drop_path_encoder_gives_deterministic_targets():
+    from jepa_blocks import ViTEncoder
+
+    torch.manual_seed(0)
+    online = ViTEncoder(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5).train()
+    ema = EMATarget(online, total_steps=3).train()
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(ema(x).tokens, ema(x).tokens)
+    assert not torch.equal(online(x).tokens, online(x).tokens)  # the online encoder does drop paths
 
 
 def test_buffers_copied():
@@ -296,11 +332,6 @@ def test_wrappers_unwrapped():
     ema.update(FakeCompiled(FakeDDP(online)))
     assert ema.step == 2
     assert unwrap_module(FakeCompiled(online)) is online
-
-
-def test_compiled_module_unwrapped():
-    online = _mlp()
-    assert unwrap_module(torch.compile(online)) is online  # nothing is compiled until called
 
 
 def test_module_with_own_params_not_unwrapped():

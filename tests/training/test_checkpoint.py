@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import multiprocessing
 import os
 import pickle
@@ -10,19 +9,16 @@ import signal
 import time
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
 from jepa_blocks.training import (
     FORMAT_VERSION,
-    BestCheckpoints,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from jepa_blocks.training import checkpoint as ckpt_mod
 
@@ -307,176 +303,6 @@ def test_bad_arguments(tmp_path):
         load_checkpoint(None)
 
 
-# ---------------------------------------------------------------- BestCheckpoints
-
-
-def _kept(best: BestCheckpoints) -> list[tuple[int, float]]:
-    return [(e["step"], e["metric"]) for e in best.entries]
-
-
-def _files(directory) -> set[str]:
-    return {p.name for p in directory.glob("best-*.pt")}
-
-
-def test_best_keeps_exactly_best_n_max(tmp_path):
-    best = BestCheckpoints(tmp_path, keep=3, mode="max", metric_name="knn")
-    metrics = [0.10, 0.50, 0.30, 0.20, 0.60, 0.45, 0.05, 0.45]
-    results = [
-        best.update(100 * (i + 1), m, {"step": 100 * (i + 1)}) for i, m in enumerate(metrics)
-    ]
-    assert results[6] is None and results[7] is None  # 0.45 ties the worst kept: the older stays
-    assert _kept(best) == [(500, 0.60), (200, 0.50), (600, 0.45)]
-    assert _files(tmp_path) == {
-        "best-00000500-knn=0.6.pt",
-        "best-00000200-knn=0.5.pt",
-        "best-00000600-knn=0.45.pt",
-    }
-    assert best.best_path == tmp_path / "best-00000500-knn=0.6.pt"
-    assert load_checkpoint(best.best_path)["step"] == 500
-    index = json.loads(best.index_path.read_text())
-    assert [e["step"] for e in index["entries"]] == [500, 200, 600]
-
-
-def test_best_min_mode_and_survives_restart(tmp_path):
-    best = BestCheckpoints(tmp_path, keep=2, mode="min", metric_name="val_loss")
-    for step, loss in [(1, 0.9), (2, 0.5), (3, 0.7)]:
-        best.update(step, loss, {"step": step})
-    assert _kept(best) == [(2, 0.5), (3, 0.7)]
-
-    again = BestCheckpoints(tmp_path, keep=2, mode="min", metric_name="val_loss")
-    assert _kept(again) == [(2, 0.5), (3, 0.7)]
-    assert not again.would_keep(0.8) and again.would_keep(0.6)
-    again.update(4, 0.6, {"step": 4})
-    assert _kept(again) == [(2, 0.5), (4, 0.6)]
-    assert len(_files(tmp_path)) == 2
-    with pytest.raises(ValueError, match="mode"):
-        BestCheckpoints(tmp_path, keep=2, mode="max", metric_name="val_loss")
-
-
-def test_best_exact_metric_kept_in_index(tmp_path):
-    best = BestCheckpoints(tmp_path, keep=2, metric_name="acc")
-    best.update(1, 0.123456789, {})
-    best.update(2, 0.123456788, {})
-    again = BestCheckpoints(tmp_path, keep=2, metric_name="acc")
-    # file names round to 6 digits, the index keeps the exact floats and their order
-    assert _kept(again) == [(1, 0.123456789), (2, 0.123456788)]
-
-
-def test_best_recovers_without_index_and_adopts_orphans(tmp_path):
-    best = BestCheckpoints(tmp_path, keep=2, metric_name="m")
-    best.update(1, 0.1, {})
-    best.update(2, 0.2, {})
-    # crash after saving a new file but before the index was written
-    save_checkpoint(tmp_path / "best-00000003-m=0.3.pt", {})
-    again = BestCheckpoints(tmp_path, keep=2, metric_name="m")
-    assert _kept(again) == [(3, 0.3), (2, 0.2), (1, 0.1)]
-    again.update(4, 0.05, {})  # not kept, but the surplus is pruned
-    assert _kept(again) == [(3, 0.3), (2, 0.2)]
-    assert _files(tmp_path) == {"best-00000003-m=0.3.pt", "best-00000002-m=0.2.pt"}
-    # index lost: rebuilt from the file names
-    again.index_path.unlink()
-    third = BestCheckpoints(tmp_path, keep=2, metric_name="m")
-    assert _kept(third) == [(3, 0.3), (2, 0.2)]
-    # a file deleted by hand is dropped from the index
-    (tmp_path / "best-00000003-m=0.3.pt").unlink()
-    assert _kept(BestCheckpoints(tmp_path, keep=2, metric_name="m")) == [(2, 0.2)]
-
-
-def test_best_corrupt_index_warns_and_rebuilds(tmp_path):
-    best = BestCheckpoints(tmp_path, keep=2, metric_name="m")
-    best.update(5, 0.5, {})
-    best.index_path.write_text("{not json")
-    with pytest.warns(UserWarning, match="index"):
-        again = BestCheckpoints(tmp_path, keep=2, metric_name="m")
-    assert _kept(again) == [(5, 0.5)]
-
-
-def test_best_same_step_replaces_and_trackers_share_directory(tmp_path):
-    acc = BestCheckpoints(tmp_path, keep=2, metric_name="acc")
-    loss = BestCheckpoints(tmp_path, keep=1, mode="min", metric_name="loss")
-    acc.update(10, 0.4, {"v": 1})
-    acc.update(10, 0.5, {"v": 2})  # a resumed run evaluates step 10 again
-    loss.update(10, 1.0, {})
-    loss.update(20, 2.0, {})
-    assert _kept(acc) == [(10, 0.5)]
-    assert load_checkpoint(acc.best_path)["v"] == 2
-    assert _kept(loss) == [(10, 1.0)]
-    assert _files(tmp_path) == {"best-00000010-acc=0.5.pt", "best-00000010-loss=1.pt"}
-
-
-def test_best_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="keep"):
-        BestCheckpoints(tmp_path, keep=0)
-    with pytest.raises(ValueError, match="mode"):
-        BestCheckpoints(tmp_path, mode="maximum")
-    with pytest.raises(ValueError, match="metric_name"):
-        BestCheckpoints(tmp_path, metric_name="val-loss")
-    best = BestCheckpoints(tmp_path)
-    with pytest.raises(ValueError, match="metric"):
-        best.update(1, float("nan"), {})
-    with pytest.raises(ValueError, match="step"):
-        best.update(-1, 0.5, {})
-
-
-# ---------------------------------------------------------------- RNG state
-
-
-def _draw():
-    return (
-        torch.rand(5),
-        torch.randint(0, 1000, (3,)),
-        [random.random() for _ in range(3)],
-        np.random.rand(3),
-        np.random.randn(1),  # exercises numpy's cached gaussian
-    )
-
-
-def test_rng_round_trip(tmp_path):
-    torch.manual_seed(123)
-    random.seed(123)
-    np.random.seed(123)
-    np.random.randn(1)  # leave a cached gaussian in the numpy state
-    state = rng_state()
-    first = _draw()
-    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
-    _draw()  # move every generator on
-    set_rng_state(state)
-    _assert_same(list(first[:3]), list(_draw()[:3]))
-    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
-    again = _draw()
-    _assert_same(list(first[:3]), list(again[:3]))
-    np.testing.assert_array_equal(first[3], again[3])
-    np.testing.assert_array_equal(first[4], again[4])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_rng_round_trip_cuda(tmp_path):
-    torch.cuda.manual_seed_all(5)
-    state = rng_state()
-    assert len(state["cuda"]) == torch.cuda.device_count()
-    first = torch.rand(4, device="cuda")
-    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
-    torch.rand(4, device="cuda")
-    set_rng_state(load_checkpoint(tmp_path / "rng.pt", map_location="cuda")["rng"])
-    torch.testing.assert_close(torch.rand(4, device="cuda"), first, rtol=0, atol=0)
-
-
-def test_rng_state_bad_inputs():
-    with pytest.raises(TypeError, match="state"):
-        set_rng_state([1])
-    with pytest.raises(ValueError, match="unknown keys"):
-        set_rng_state({"python": random.getstate(), "jax": 1})
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
-def test_rng_cuda_states_without_cuda_warn():
-    state = rng_state()
-    assert state["cuda"] == []
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
-    with pytest.warns(UserWarning, match="CUDA"):
-        set_rng_state(state)
-
-
 def test_pid_in_temp_name(tmp_path, monkeypatch):
     seen = []
     real_replace = os.replace
@@ -488,3 +314,12 @@ def test_pid_in_temp_name(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.os, "replace", spy)
     save_checkpoint(tmp_path / "x.pt", {})
     assert seen == [os.fspath(tmp_path / f"x.pt.tmp-{os.getpid()}")]
+
+
+def test_moved_names_stay_importable_from_checkpoint():
+    from jepa_blocks.training import best_checkpoints, rng
+
+    assert ckpt_mod.BestCheckpoints is best_checkpoints.BestCheckpoints
+    assert ckpt_mod.rng_state is rng.rng_state and ckpt_mod.set_rng_state is rng.set_rng_state
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ckpt_mod.nope  # noqa: B018

@@ -6,11 +6,8 @@ image. Per-sample subsets of different sizes arrive as ``MaskIndices`` padded to
 batch maximum; padded tokens are hidden from attention, so each sample's output equals
 running it alone on exactly its kept tokens.
 
-Inputs are validated at ``forward`` / ``forward_tokens``. NaN/Inf images or tokens and
-``keep`` ids outside the patch grid raise ``ValueError`` while value checks are enabled:
-the default, at the price of one pass over the input and a host sync per check on an
-accelerator; ``jepa_blocks.set_value_checks(False)`` turns them off, and they are skipped
-under ``torch.compile`` / ``torch.export``.
+Inputs are validated at ``forward`` / ``forward_tokens``; NaN/Inf images or tokens and
+``keep`` ids outside the patch grid raise ``ValueError`` (value checks).
 """
 
 from __future__ import annotations
@@ -34,13 +31,13 @@ from jepa_blocks._checks import (
     check_tensor,
     match_dtype,
 )
-from jepa_blocks.encoders.attention import (
+from jepa_blocks.grid import token_positions
+from jepa_blocks.layers import (
     attention_mask_from_valid,
     init_transformer_weights,
     rescale_residual_branches,
     transformer_stack,
 )
-from jepa_blocks.grid import token_positions
 from jepa_blocks.masking.indices import MaskIndices
 from jepa_blocks.positional.rope2d import RoPE2D
 from jepa_blocks.positional.sincos import sincos_2d

@@ -1,13 +1,13 @@
 """Attention maps of a ``ViTEncoder`` block, exactly as the block computes them.
 
-:func:`attention_maps` runs the encoder with a forward pre-hook on the chosen block's
-attention module. The hook captures what the module receives: its input (the block's
-``norm1`` output) and its keyword arguments, the RoPE ``(cos, sin)`` and the padding
-mask. The probabilities are then re-derived from the module's own weights, in the order
-of ``Attention.forward``: ``q, k, v = qkv(x)`` split as ``(3, heads, head_dim)``, RoPE
-rotation of q and k when the encoder uses it, ``softmax(q k^T / sqrt(head_dim))`` with
-masked keys at ``-inf``. So ``probs @ v`` is the module's output before its projection
-(the tests check this), whichever kernel (fused SDPA or explicit) the module runs.
+:func:`attention_maps` runs the encoder with two hooks on the chosen block's attention
+module (``jepa_blocks.layers.Attention``): a forward pre-hook adds
+``return_attention=True`` to the module's own call, and a forward hook takes the
+probabilities it returns and stops the pass. Nothing is recomputed here: the maps are
+the module's, from its explicit path (``softmax(q k^T / sqrt(head_dim))`` with masked keys
+at ``-inf``, RoPE included), so ``probs @ v`` is the module's output before its
+projection (the tests check this against a plain forward pass on the fused kernel).
+:func:`attention_probs` does the same for one module and an input of your own.
 
 JEPA encoders have no CLS token, so there is no "CLS attention" to show. Two CLS-free
 views of the ``(N, N)`` map are provided:
@@ -27,15 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from jepa_blocks._checks import check_grid, check_int, check_tensor, match_dtype
-from jepa_blocks.encoders.attention import Attention, _check_attn_mask
-from jepa_blocks.positional.rope2d import apply_rotary
+from jepa_blocks._checks import check_grid, check_int, check_tensor
+from jepa_blocks.layers.attention import Attention
 
 __all__ = ["attention_maps", "attention_probs", "query_attention", "received_attention"]
 
 
 class _Captured(Exception):
-    """Raised by the hook to stop the forward pass once the chosen block's input is known."""
+    """Raised by the hook to stop the forward pass once the chosen block's maps are known."""
 
 
 def attention_probs(
@@ -47,8 +46,11 @@ def attention_probs(
 ) -> torch.Tensor:
     """Attention probabilities of an ``Attention`` module for its input.
 
+    Calls ``attn(x, rope=rope, attn_mask=attn_mask, return_attention=True)``; the module
+    checks the arguments.
+
     Args:
-        attn: The attention module (``jepa_blocks.encoders.attention.Attention``).
+        attn: The attention module (``jepa_blocks.layers.Attention``).
         x: The module's input of shape ``(B, N, D)`` (the block's ``norm1`` output).
         rope: The ``(cos, sin)`` the module receives, each broadcastable to
             ``(B, 1, N, Dh / 2)``, or ``None``.
@@ -58,38 +60,20 @@ def attention_probs(
     Returns:
         Probabilities of shape ``(B, heads, N, N)`` in the dtype of ``x`` (rows: queries,
         columns: keys; each row sums to 1), without attention dropout.
+
+    Example:
+        >>> from jepa_blocks.layers import Attention
+        >>> attention_probs(Attention(16, num_heads=2), torch.randn(3, 5, 16)).shape
+        torch.Size([3, 2, 5, 5])
     """
     if not isinstance(attn, Attention):
         raise TypeError(f"attn must be a jepa_blocks Attention module, got {type(attn).__name__}")
-    check_tensor("x", x, ndim=3, kind="float", allow_empty=True)
-    if x.shape[-1] != attn.dim:
-        raise ValueError(f"x must have width dim={attn.dim} last, got shape {tuple(x.shape)}")
-    if rope is not None and (not isinstance(rope, tuple) or len(rope) != 2):
-        raise TypeError(f"rope must be a (cos, sin) pair of tensors or None, got {type(rope).__name__}")
-    b, n, _ = x.shape
-    attn_mask = _check_attn_mask(attn_mask)  # as Attention.forward: rows seeing no key see all
-    if attn_mask is not None and (
-        attn_mask.shape[0] not in (1, b) or attn_mask.shape[-2] not in (1, n) or attn_mask.shape[-1] != n
-    ):
-        raise ValueError(
-            f"attn_mask must have shape ({b}, 1, 1, {n}) or ({b}, 1, {n}, {n}), got {tuple(attn_mask.shape)}"
-        )
-    dtype = x.dtype
-    x = match_dtype(x, attn.qkv.weight.dtype)  # half input to a float32 module: cast
-    # qkv channel order (3, heads, head_dim), as in Attention.forward.
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]  # (B, heads, N, Dh)
-    if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(dim=-1).to(dtype)
+    _, probs = attn(x, rope=rope, attn_mask=attn_mask, return_attention=True)
+    return probs.to(x.dtype)
 
 
-def _capture_attention_input(
-    encoder: nn.Module, images: torch.Tensor, layer: int, keep: Any
-) -> tuple[Attention, torch.Tensor, dict[str, Any]]:
+def _capture_attention(encoder: nn.Module, images: torch.Tensor, layer: int, keep: Any) -> torch.Tensor:
+    """Run ``encoder`` up to block ``layer`` and return that block's attention probabilities."""
     blocks = getattr(encoder, "blocks", None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or not len(blocks) or not isinstance(
         getattr(blocks[0], "attn", None), Attention
@@ -101,23 +85,29 @@ def _capture_attention_input(
     depth = len(blocks)
     layer = check_int("layer", layer, min_value=-depth, max_value=depth - 1) % depth
     attn = blocks[layer].attn
-    captured: dict[str, Any] = {}
+    captured: dict[str, torch.Tensor] = {}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["x"] = args[0] if args else kwargs["x"]
-        captured["kwargs"] = {k: kwargs.get(k) for k in ("rope", "attn_mask")}
+    def ask_for_probs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "return_attention": True}
+
+    def take_probs(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        captured["probs"] = output[1]
         raise _Captured
 
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        attn.register_forward_pre_hook(ask_for_probs, with_kwargs=True),
+        attn.register_forward_hook(take_probs),
+    ]
     try:
         encoder(images) if keep is None else encoder(images, keep=keep)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    if "x" not in captured:
+        for handle in handles:
+            handle.remove()
+    if "probs" not in captured:
         raise RuntimeError(f"the encoder's forward never called blocks[{layer}].attn")
-    return attn, captured["x"], captured["kwargs"]
+    return captured["probs"]
 
 
 def attention_maps(
@@ -130,21 +120,22 @@ def attention_maps(
     """Self-attention probabilities of one block of a ``ViTEncoder``.
 
     The encoder runs in ``eval()`` mode under ``torch.no_grad()`` (its mode is restored
-    afterwards) up to the chosen block; see the module docstring for how the
-    probabilities are derived.
+    afterwards) up to the chosen block, whose attention module returns its probabilities
+    (see the module docstring).
 
     Args:
         encoder: A ``ViTEncoder`` (anything with ``blocks[i].attn`` of type
-            ``jepa_blocks.encoders.attention.Attention`` whose ``forward(images)`` runs
-            them in order).
+            ``jepa_blocks.layers.Attention`` whose ``forward(images)`` runs them in
+            order).
         images: Float tensor ``(B, C, H * p, W * p)``.
         layer: Block index, negative counts from the end (``-1``: the last block).
         keep: Optional ``keep`` passed to the encoder (a context subset); ``N`` is then the
             number of kept tokens and padded keys get probability 0.
 
     Returns:
-        Float tensor ``(B, heads, N, N)``: ``[b, h, i, j]`` is how much token ``i``
-        attends to token ``j`` (``N = H * W`` in row-major grid order without ``keep``).
+        Float tensor ``(B, heads, N, N)`` in the dtype the block computes in (its
+        weights'): ``[b, h, i, j]`` is how much token ``i`` attends to token ``j``
+        (``N = H * W`` in row-major grid order without ``keep``).
 
     Example:
         >>> from jepa_blocks import ViTEncoder
@@ -160,8 +151,7 @@ def attention_maps(
     encoder.eval()
     try:
         with torch.no_grad():
-            attn, x, kwargs = _capture_attention_input(encoder, images, layer, keep)
-            probs = attention_probs(attn, x, **kwargs)
+            probs = _capture_attention(encoder, images, layer, keep)
     finally:
         encoder.train(was_training)
     return probs

@@ -1,7 +1,7 @@
-"""Embedding diagnostics as plain functions, and one call that gathers them for logging.
+"""One call that gathers the embedding diagnostics for logging.
 
-``codebook_usage`` is shared by the vector quantiser (its usage metric) and by
-``embedding_diagnostics``.
+It adds :func:`~jepa_blocks.quantizers.vq.codebook_usage` when a quantiser's codes are
+given (defined with the quantiser; :mod:`jepa_blocks.evaluation` re-exports it).
 """
 
 from __future__ import annotations
@@ -10,13 +10,7 @@ from typing import Literal
 
 import torch
 
-from jepa_blocks._checks import (
-    check_choice,
-    check_float,
-    check_int,
-    check_tensor,
-    value_checks_enabled,
-)
+from jepa_blocks._checks import check_choice, check_float, check_int, check_tensor
 from jepa_blocks.evaluation.metrics import (
     _subset,
     anisotropy,
@@ -24,40 +18,9 @@ from jepa_blocks.evaluation.metrics import (
     isotropy,
     uniformity,
 )
+from jepa_blocks.quantizers.vq import codebook_usage
 
-__all__ = ["codebook_usage", "embedding_diagnostics"]
-
-
-def codebook_usage(codes: torch.Tensor, *, num_codes: int) -> float:
-    """Fraction of the ``num_codes`` codebook entries that occur at least once in ``codes``.
-
-    Args:
-        codes: Integer code ids of any shape ``(...)``, each in ``[0, num_codes)``: a
-            value check (one host sync, see ``jepa_blocks.set_value_checks``); with value
-            checks off or under tracing, ids outside the range are not counted.
-        num_codes: Codebook size ``K``.
-
-    Returns:
-        ``|unique(codes)| / K``, in ``[0, 1]`` (``0`` for an empty ``codes``).
-
-    Example:
-        >>> codebook_usage(torch.tensor([0, 1, 1, 3]), num_codes=8)
-        0.375
-    """
-    num_codes = check_int("num_codes", num_codes, min_value=1)
-    check_tensor("codes", codes, kind="int", allow_empty=True)
-    if codes.numel() == 0:
-        return 0.0
-    flat = codes.reshape(-1).long()
-    if value_checks_enabled():  # one host sync, skipped under tracing (see jepa_blocks._checks)
-        lo, hi = torch.stack(torch.aminmax(flat)).tolist()
-        if lo < 0 or hi >= num_codes:
-            raise ValueError(f"codes must lie in [0, num_codes={num_codes}), got values in [{lo}, {hi}]")
-    # Ids outside [0, K) (possible only with value checks off) land in an extra slot that
-    # is not counted, so the result stays in [0, 1].
-    slot = torch.where((flat >= 0) & (flat < num_codes), flat, num_codes)
-    seen = torch.zeros(num_codes + 1, dtype=torch.bool, device=flat.device).index_fill_(0, slot, True)
-    return float(seen[:num_codes].sum()) / num_codes
+__all__ = ["embedding_diagnostics"]
 
 
 def embedding_diagnostics(

@@ -1,4 +1,4 @@
-"""Training objectives: latent prediction (I-JEPA / H-JEPA), SIGReg (LeJEPA), VICReg and the
+"""Training objectives: latent prediction (I-JEPA / H-JEPA), SIGReg and LeJEPA's view loss, VICReg and the
 contrastive NT-Xent (SimCLR) and InfoNCE (learnable temperature) losses.
 
 Losses that report several terms return :class:`LossOutput` ``(total, terms)``; all of
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from jepa_blocks.losses.infonce import InfoNCELoss, info_nce_loss
 from jepa_blocks.losses.latent import LatentPredictionLoss, LossType, latent_prediction_loss
+from jepa_blocks.losses.lejepa import LeJEPALoss, lejepa_view_loss
 from jepa_blocks.losses.ntxent import NTXentLoss, ntxent_loss
 from jepa_blocks.losses.output import LossOutput
 from jepa_blocks.losses.sigreg import SIGRegLoss, lejepa_loss, sigreg, sigreg_directions
@@ -23,6 +24,7 @@ from jepa_blocks.losses.vicreg import (
 __all__ = [
     "InfoNCELoss",
     "LatentPredictionLoss",
+    "LeJEPALoss",
     "LossOutput",
     "LossType",
     "NTXentLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "invariance_loss",
     "latent_prediction_loss",
     "lejepa_loss",
+    "lejepa_view_loss",
     "ntxent_loss",
     "sigreg",
     "sigreg_directions",

@@ -22,8 +22,7 @@ Implementation notes:
 
 * Computed in float32 (float64 stays float64) with autocast disabled, whatever the input
   dtype; a zero row is normalised to zero, never NaN. NaN or Inf inputs raise
-  ``ValueError`` while value checks are enabled (the default; one host sync, skipped under
-  ``torch.compile``; see ``jepa_blocks.set_value_checks``).
+  ``ValueError`` (a value check).
 * ``gather_distributed=True``: the normalised keys (and the queries when symmetric) are
   gathered with gradients (unequal local sizes allowed); each rank scores its local
   queries against all ``N_global`` keys, with the positive of local row ``i`` at its
@@ -50,13 +49,13 @@ from jepa_blocks._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.losses._contrastive import (
     gather_rows,
     global_mean,
     sync_grad,
     unit_rows,
 )
-from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
 
 __all__ = ["InfoNCELoss", "info_nce_loss"]
@@ -133,8 +132,7 @@ def info_nce_loss(
         key: Key embeddings of shape ``(N, D)``; ``key[i]`` is the positive of
             ``query[i]``, every other key a negative.
         temperature: Softmax temperature: a float > 0, or a positive 0-dim float tensor
-            (e.g. a learnable one; its value is checked while value checks are enabled,
-            one host sync).
+            (e.g. a learnable one; its value is checked: a value check).
         symmetric: Average the query-to-key and key-to-query losses (CLIP).
         gather_distributed: Gather the keys (and queries when symmetric) over the default
             process group with gradients (local ``N`` may differ between ranks) and return

@@ -14,11 +14,8 @@ Padded slots are replaced by zeros *before* the elementwise loss, so whatever th
 (even NaN) changes neither the value nor the gradient, and their prediction gradient is
 exactly zero. The loss does not detach the targets: gradient flow into the target branch
 is the caller's choice (an EMA target encoder run under ``torch.no_grad()`` has none).
-Computed in float32 (float64 stays float64) with autocast disabled.
-
-NaN or Inf in a *valid* slot raises ``ValueError`` naming the tensor while value checks
-are enabled (the default; one host sync per call, skipped under ``torch.compile`` and
-``torch.export``; see ``jepa_blocks.set_value_checks``).
+Computed in float32 (float64 stays float64) with autocast disabled. NaN or Inf in a
+*valid* slot raises ``ValueError`` (a value check).
 """
 
 from __future__ import annotations
@@ -38,8 +35,8 @@ from jepa_blocks._checks import (
     sum_is_finite,
     value_checks_enabled,
 )
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
-from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
 
 __all__ = ["LatentPredictionLoss", "LossType", "latent_prediction_loss"]
@@ -83,8 +80,7 @@ def _check_finite_slots(
 ) -> None:
     """Raise if a *valid* slot of a prediction or target holds NaN/Inf (padding may).
 
-    A value check: one host sync for all levels, skipped under compile or when value
-    checks are off (see :func:`jepa_blocks._checks.value_checks_enabled`).
+    A value check: one host sync for all levels.
     """
     if not value_checks_enabled():
         return
@@ -234,7 +230,7 @@ def latent_prediction_loss(
             count_t = all_reduce_with_grad(count_t.detach())
         per_level = sum_t / count_t.clamp_min(1)
         terms = {f"level{lvl}": per_level[lvl] for lvl in range(num_levels)}
-        total = sum(w * term for w, term in zip(weights, terms.values(), strict=False))
+        total = sum(w * term for w, term in zip(weights[:num_levels], terms.values(), strict=True))
     return LossOutput(total, terms)
 
 

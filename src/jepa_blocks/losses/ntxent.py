@@ -21,8 +21,7 @@ Implementation notes:
 
 * Computed in float32 (float64 stays float64) with autocast disabled, whatever the input
   dtype; a zero row is normalised to zero (similarity 0 to everything), never NaN. NaN or
-  Inf inputs raise ``ValueError`` while value checks are enabled (the default; one host
-  sync, skipped under ``torch.compile``; see ``jepa_blocks.set_value_checks``).
+  Inf inputs raise ``ValueError`` (a value check).
 * ``gather_distributed=True``: the normalised rows of both views are gathered with
   gradients (unequal local sizes allowed); each rank scores its local anchors against all
   ``2 N_global`` rows, with the positive of local row ``i`` at its *global* position, and
@@ -38,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jepa_blocks._checks import check_bool, check_float, check_row_pairs
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.losses._contrastive import gather_rows, global_mean, unit_rows
-from jepa_blocks.losses._precision import compute_dtype, full_precision
 
 __all__ = ["NTXentLoss", "ntxent_loss"]
 

@@ -29,9 +29,7 @@ Implementation notes:
   with ``N`` the global batch size. Gradients follow the convention of
   :mod:`jepa_blocks.distributed`: each rank receives ``world_size * dL/dx_local``, which
   DDP's averaging turns into the single-process gradient on the concatenated batch.
-* NaN or Inf in ``x`` (or ``directions``) raises ``ValueError`` while value checks are
-  enabled (the default; one host sync per call, skipped under ``torch.compile`` and
-  ``torch.export``; see ``jepa_blocks.set_value_checks``).
+* NaN or Inf in ``x`` (or ``directions``) raises ``ValueError`` (a value check).
 """
 
 from __future__ import annotations
@@ -42,8 +40,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from jepa_blocks._checks import check_bool, check_finite, check_float, check_int, check_tensor
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
-from jepa_blocks.losses._precision import compute_dtype, full_precision
 
 __all__ = ["SIGRegLoss", "lejepa_loss", "sigreg", "sigreg_directions"]
 

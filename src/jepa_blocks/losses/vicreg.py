@@ -23,9 +23,7 @@ Implementation notes:
   the invariance term on the local batch and divides the covariance by the configured
   batch size.) Gradients follow the ``world_size * dL/dx_local`` convention of
   :mod:`jepa_blocks.distributed`, which DDP's averaging turns into the exact gradient.
-* NaN or Inf inputs raise ``ValueError`` while value checks are enabled (the default; one
-  host sync per call, skipped under ``torch.compile`` and ``torch.export``; see
-  ``jepa_blocks.set_value_checks``).
+* NaN or Inf inputs raise ``ValueError`` (a value check).
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jepa_blocks._checks import check_bool, check_finite, check_float, check_row_pairs, check_tensor
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.distributed import gather_with_grad
-from jepa_blocks.losses._precision import compute_dtype, full_precision
 from jepa_blocks.losses.output import LossOutput
 
 __all__ = [

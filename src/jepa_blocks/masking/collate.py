@@ -1,7 +1,7 @@
 """DataLoader collate function that samples multi-block masks beside each batch.
 
-Randomness. Every call builds its own ``torch.Generator`` from a 64-bit seed mixed
-(SplitMix64) from three parts:
+Randomness. Every call draws from its own ``torch.Generator`` (``_seeding.SeedStream``),
+seeded by mixing (SplitMix64) three parts:
 
 * the stream: in a DataLoader worker, ``torch.utils.data.get_worker_info().seed``
   (``base_seed + worker_id``; the DataLoader draws a new ``base_seed`` every epoch from
@@ -12,6 +12,7 @@ Randomness. Every call builds its own ``torch.Generator`` from a 64-bit seed mix
 
 So masks differ across workers and epochs, never touch the global RNG, and are
 reproducible: same DataLoader seed (or same ``seed`` with ``num_workers=0``), same masks.
+``MultiCropCollator`` draws its generators the same way.
 """
 
 from __future__ import annotations
@@ -20,15 +21,48 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import default_collate
 
 from jepa_blocks._checks import check_int
-from jepa_blocks._seeding import mix as _mix
+from jepa_blocks._seeding import SeedStream
 from jepa_blocks.masking.multiblock import MultiBlockMasker, MultiBlockMasks
 
 __all__ = ["MaskCollator"]
 
-class MaskCollator:
+
+class _SeededCollate:
+    """What the mask collators share: ``collate_fn``, ``seed`` and the seed stream."""
+
+    masker: Any
+
+    def __init__(self, *, collate_fn: Callable[[list[Any]], Any], seed: int | None) -> None:
+        if not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
+        if seed is not None:
+            seed = check_int("seed", seed)
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self._stream = SeedStream(seed)
+
+    def _collate(self, samples: Sequence[Any]) -> Any:
+        """``collate_fn(samples)``, after checking that ``samples`` is a non-empty list."""
+        if not hasattr(samples, "__len__") or isinstance(samples, (str, bytes)):
+            raise TypeError(f"samples must be a list of samples, got {type(samples).__name__}")
+        if len(samples) == 0:
+            raise ValueError("samples must hold at least one sample, got an empty batch")
+        return self.collate_fn(samples)
+
+    def _next_generator(self) -> torch.Generator:
+        return self._stream.next_generator()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.masker!r}, collate_fn={self.collate_fn!r}, "
+            f"seed={self.seed})"
+        )
+
+
+class MaskCollator(_SeededCollate):
     """``collate_fn`` returning ``(collated_batch, masks)`` for a DataLoader.
 
     Args:
@@ -57,40 +91,10 @@ class MaskCollator:
     ) -> None:
         if not isinstance(masker, MultiBlockMasker):
             raise TypeError(f"masker must be a MultiBlockMasker, got {type(masker).__name__}")
-        if not callable(collate_fn):
-            raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
-        if seed is not None:
-            seed = check_int("seed", seed)
+        super().__init__(collate_fn=collate_fn, seed=seed)
         self.masker = masker
-        self.collate_fn = collate_fn
-        self.seed = seed
-        self._main_seed = seed if seed is not None else torch.initial_seed()
-        self._main_calls = 0
-        self._worker_seed: int | None = None
-        self._worker_calls = 0
-
-    def _next_generator(self) -> torch.Generator:
-        extra = self.seed if self.seed is not None else 0
-        info = get_worker_info()
-        if info is None:
-            stream, count = self._main_seed, self._main_calls
-            self._main_calls += 1
-        else:
-            if info.seed != self._worker_seed:  # new worker or new epoch
-                self._worker_seed, self._worker_calls = info.seed, 0
-            stream, count = info.seed, self._worker_calls
-            self._worker_calls += 1
-        return torch.Generator().manual_seed(_mix(stream, extra, count))
 
     def __call__(self, samples: Sequence[Any]) -> tuple[Any, MultiBlockMasks]:
         """Collate ``samples`` and sample masks for ``len(samples)`` of them."""
-        if not hasattr(samples, "__len__") or isinstance(samples, (str, bytes)):
-            raise TypeError(f"samples must be a list of samples, got {type(samples).__name__}")
-        if len(samples) == 0:
-            raise ValueError("samples must hold at least one sample, got an empty batch")
-        batch = self.collate_fn(samples)
-        masks = self.masker(len(samples), generator=self._next_generator())
-        return batch, masks
-
-    def __repr__(self) -> str:
-        return f"MaskCollator({self.masker!r}, collate_fn={self.collate_fn!r}, seed={self.seed})"
+        batch = self._collate(samples)
+        return batch, self.masker(len(samples), generator=self._next_generator())

@@ -36,7 +36,6 @@ i.e. 25% of the image).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +43,8 @@ import torch
 
 from jepa_blocks._checks import check_bool, check_grid, check_int, check_pair, value_checks_enabled
 from jepa_blocks.grid import level_footprint, level_grid_size
+from jepa_blocks.masking._feasibility import check_feasible
+from jepa_blocks.masking._sampling import check_sampling
 from jepa_blocks.masking.indices import MaskIndices, mask_to_indices
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
 # Coarsest level's scale bounds may be at most this multiple of level 0's.
 _MAX_LEVEL_SCALE_GROWTH = 1.33
 # Largest supported grid (H * W tokens): sampling holds dense (B, H * W) masks, and the
-# feasibility analysis visits O(sqrt(H * W)) block sizes.
+# feasibility analysis (_feasibility.py) visits O(sqrt(H * W)) block sizes.
 _MAX_GRID_TOKENS = 2**20
 _MAX_RESAMPLE_ROUNDS = 100
 
@@ -187,8 +188,7 @@ def block_shape(
     Returns:
         ``(h, w)``: long tensors of shape ``(...)``, ``1 <= h <= gh``, ``1 <= w <= gw``.
 
-    The ranges of ``scale`` and ``aspect_ratio`` are value checks (skipped under
-    ``torch.compile`` or when value checks are off).
+    Checking the ranges of ``scale`` and ``aspect_ratio`` is a value check.
     """
     gh, gw = check_grid("grid_size", grid_size)
     s = _real_tensor("scale", scale, None)
@@ -227,60 +227,6 @@ def _block_shape(
         return h.clamp(1, gh), w.clamp(1, gw)
     one = torch.ones_like(h)
     return torch.minimum(torch.maximum(h, one), gh), torch.minimum(torch.maximum(w, one), gw)
-
-
-def _shape_scalar(keep: float, a: float, gh: int, gw: int) -> tuple[int, int]:
-    # Same float64 operations as ``_block_shape`` on Python floats.
-    h = min(max(math.floor(math.sqrt(keep * a) + 0.5), 1), gh)
-    w = min(max(math.floor(math.sqrt(keep / a) + 0.5), 1), gw)
-    return h, w
-
-
-def _reachable_shapes(
-    scale: float, aspect: tuple[float, float], gh: int, gw: int
-) -> dict[tuple[int, int], float]:
-    """Every ``(h, w)`` the rule gives at ``scale`` for an aspect in ``aspect``.
-
-    ``h`` only changes where ``sqrt(keep * a)`` crosses ``n + 1/2`` and ``w`` where
-    ``sqrt(keep / a)`` does, so evaluating at the ends, at every such breakpoint, at its
-    floating-point neighbours and between consecutive points sees every shape. Returns
-    ``{(h, w): an aspect giving it}``.
-    """
-    keep = gh * gw * scale
-    lo, hi = aspect
-    points = {lo, hi}
-    # Only h-crossings below the clamp (n < gh) and w-crossings with n < gw can change the
-    # shape, and only those whose breakpoint lies in (lo, hi): visit just those n, so the
-    # cost does not grow with the grid side (a 10^9 grid would otherwise loop 10^9 times).
-    h_ns = _crossings(math.sqrt(keep * lo), math.sqrt(keep * hi), gh)
-    w_ns = _crossings(math.sqrt(keep / hi), math.sqrt(keep / lo), gw)
-    candidates = [(n + 0.5) ** 2 / keep for n in h_ns] + [keep / (n + 0.5) ** 2 for n in w_ns]
-    for b in candidates:
-        if lo < b < hi:
-            points.update((b, math.nextafter(b, -math.inf), math.nextafter(b, math.inf)))
-    ordered = sorted(p for p in points if lo <= p <= hi)
-    ordered += [(x + y) / 2 for x, y in zip(ordered, ordered[1:], strict=False)]
-    shapes: dict[tuple[int, int], float] = {}
-    for a in ordered:
-        shapes.setdefault(_shape_scalar(keep, a, gh, gw), a)
-    return shapes
-
-
-def _crossings(low_root: float, high_root: float, size: int) -> range:
-    """The ``n`` in ``[0, size)`` with ``n + 1/2`` in ``[low_root, high_root]``, one extra each side.
-
-    Robust to ``inf`` roots (an extreme aspect ratio): they are clipped to ``[0, size)``.
-    """
-    start = math.floor(low_root - 0.5) - 1 if low_root - 0.5 < size else size
-    stop = math.ceil(high_root - 0.5) + 2 if high_root - 0.5 < size else size
-    return range(max(start, 0), min(stop, size))
-
-
-def _footprint_extent(n: int, level: int, size: int) -> int:
-    """Fewest level-0 rows (or columns) that ``n`` adjacent level-``level`` cells can cover."""
-    f = 2**level
-    last = size - (-(-size // f) - 1) * f  # rows covered by the last (partial) cell
-    return (n - 1) * f + min(f, last)
 
 
 # ----------------------------------------------------------------------------- config
@@ -410,44 +356,15 @@ def _build_config(
         )
     level_grids = tuple(level_grid_size(grid, lvl) for lvl in range(len(specs)))
 
-    # -- feasibility: target blocks
-    min_union = 0  # a lower bound on the level-0 footprint of all targets of a sample
-    for lvl, (spec, (gh, gw)) in enumerate(zip(specs, level_grids, strict=True)):
-        if spec.num_blocks > gh * gw:
-            raise ValueError(
-                f"levels: level {lvl} asks for {spec.num_blocks} target blocks on a {gh}x{gw} grid "
-                f"(num_targets must be <= {gh * gw} there)"
-            )
-        shapes = _reachable_shapes(spec.scale[0], spec.aspect_ratio, gh, gw)
-        (bh, bw), a = min(shapes.items(), key=lambda item: item[0][0] * item[0][1])
-        if bh * bw < min_target_tokens:
-            raise ValueError(
-                f"min_target_tokens={min_target_tokens} can never be met: the smallest target "
-                f"block on level {lvl} (grid {gh}x{gw}, scale {spec.scale[0]}, aspect {a:.4g}) is "
-                f"{bh}x{bw} = {bh * bw} tokens; raise the target scale or lower min_target_tokens"
-            )
-        min_union = max(
-            min_union,
-            min(_footprint_extent(h, lvl, h0) * _footprint_extent(w, lvl, w0) for h, w in shapes),
-        )
-
-    # -- feasibility: context
-    if min_context_tokens > h0 * w0:
-        raise ValueError(
-            f"min_context_tokens={min_context_tokens} exceeds the {h0}x{w0} = {h0 * w0} tokens "
-            f"of grid_size {grid}"
-        )
-    ctx_shapes = _reachable_shapes(context_scale[1], context_aspect_ratio, h0, w0)
-    max_block = max(h * w for h, w in ctx_shapes)
-    max_context = min(max_block, h0 * w0 - min_union)
-    if max_context < min_context_tokens:
-        raise ValueError(
-            f"min_context_tokens={min_context_tokens} can never be met: the largest context "
-            f"block has {max_block} tokens and the targets cover at least {min_union} of the "
-            f"{h0 * w0}, so at most {max_context} context tokens remain; lower "
-            "min_context_tokens, raise context_scale or shrink the targets"
-            + (f" (fewer levels than {len(specs)})" if len(specs) > 1 else "")
-        )
+    check_feasible(
+        grid=grid,
+        level_grids=level_grids,
+        specs=specs,
+        context_scale=context_scale,
+        context_aspect_ratio=context_aspect_ratio,
+        min_target_tokens=min_target_tokens,
+        min_context_tokens=min_context_tokens,
+    )
 
     rows = [(*context_scale, *context_aspect_ratio, h0, w0)]
     for spec, (gh, gw) in zip(specs, level_grids, strict=True):
@@ -569,11 +486,7 @@ def _sample(
     device: torch.device | str | None,
 ) -> MultiBlockMasks:
     batch_size = check_int("batch_size", batch_size, min_value=1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-        )
-    sample_device = generator.device if generator is not None else torch.device("cpu")
+    generator, sample_device, device = check_sampling(generator, device)
     slots = cfg.slots.to(sample_device)
 
     boxes = _draw_boxes(slots, batch_size, generator)
@@ -620,7 +533,7 @@ def _sample(
         context_box=boxes[:, 0],
         target_boxes=tuple(target_boxes),
     )
-    if device is not None and torch.device(device) != sample_device:
+    if device is not None and device != sample_device:
         masks = masks.to(device)
     return masks
 
@@ -650,20 +563,9 @@ def sample_multiblock_masks(
     Returns:
         ``MultiBlockMasks``: context ``(B, Kc)`` and per level targets ``(B, M_l, K_l)``.
     """
-    cfg = _build_config(
-        grid_size=grid_size,
-        num_targets=num_targets,
-        target_scale=target_scale,
-        target_aspect_ratio=target_aspect_ratio,
-        context_scale=context_scale,
-        context_aspect_ratio=context_aspect_ratio,
-        min_target_tokens=min_target_tokens,
-        min_context_tokens=min_context_tokens,
-        levels=levels,
-        truncate=truncate,
-        max_resample_rounds=max_resample_rounds,
-    )
-    return _sample(cfg, batch_size, generator, device)
+    # Every argument but the three of the call is a MultiBlockMasker argument.
+    spec = {k: v for k, v in locals().items() if k not in ("batch_size", "generator", "device")}
+    return MultiBlockMasker(**spec)(batch_size, generator=generator, device=device)
 
 
 class MultiBlockMasker:

@@ -14,9 +14,7 @@ Inputs may be maps ``(B, C, H, W)`` or ViT token grids ``(B, H * W, C)`` (row-ma
 then the upsampling is skipped.
 
 Features of another floating dtype than the weights are cast to it (unless autocast is
-on). NaN/Inf features raise ``ValueError`` while value checks are enabled (the default;
-one host sync per forward on an accelerator; ``jepa_blocks.set_value_checks(False)``
-turns them off, and they are skipped under ``torch.compile`` / ``torch.export``).
+on). NaN/Inf features raise ``ValueError`` (a value check).
 """
 
 from __future__ import annotations

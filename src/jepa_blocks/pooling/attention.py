@@ -8,13 +8,15 @@ vector can weight tokens by content, at the cost of ``4 D^2 + D out_dim`` parame
 
 Padded tokens (``valid == False``, as in ``MaskIndices.valid``) are zeroed before any
 arithmetic and hidden from the attention, so their values (NaN included) never reach
-the output or the gradients. The result is invariant to the order of the tokens.
+the output or the gradients. The result is invariant to the order of the tokens. The
+attention itself is the library's one implementation,
+:func:`jepa_blocks.layers.attention.dot_product_attention` (fused SDPA, or the explicit
+form for bf16/fp16 on CPU).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jepa_blocks._checks import (
@@ -25,7 +27,8 @@ from jepa_blocks._checks import (
     match_dtype,
     value_checks_enabled,
 )
-from jepa_blocks.encoders.attention import attention_mask_from_valid, init_transformer_weights
+from jepa_blocks.layers.attention import attention_mask_from_valid, dot_product_attention
+from jepa_blocks.layers.init import init_transformer_weights
 
 __all__ = ["AttentionPool", "attention_pool"]
 
@@ -70,7 +73,7 @@ def _attention_pool(
     q = queries.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, h, Q, D/h)
     k = keys.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, h, N, D/h)
     v = values.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, h, N, Dv/h)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, Q, Dv/h)
+    out = dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, Q, Dv/h)
     return out.transpose(1, 2).flatten(2)  # (B, Q, Dv)
 
 
@@ -96,11 +99,9 @@ def attention_pool(
         valid: Optional bool mask of shape ``(B, N)``, ``True`` for real items; ``None``
             means every item is real.
         num_heads: Number of heads; must divide ``D`` and ``Dv``.
-        allow_empty: Whether a sample may have no real item. ``False`` (default) raises
-            a ``ValueError`` naming ``valid`` for such a sample while value checks are
-            enabled (``jepa_blocks._checks.value_checks_enabled``: not under
-            ``torch.compile`` tracing or ``set_value_checks(False)``); such samples pool
-            to exactly zero otherwise.
+        allow_empty: Whether a sample may have no real item; such samples pool to exactly
+            zero. ``False`` (default) raises a ``ValueError`` naming ``valid`` for such a
+            sample (a value check).
 
     Returns:
         Pooled values of shape ``(B, Q, Dv)`` in the dtype of the inputs.
@@ -158,8 +159,7 @@ class AttentionPool(nn.Module):
         norm: LayerNorm (eps ``1e-6``) on the tokens before the key/value projection.
         allow_empty: Whether a sample may have no real token; such samples pool to exactly
             zero. With ``False`` (default) they raise a ``ValueError`` naming ``valid``
-            while value checks are enabled (not under ``torch.compile`` tracing or
-            ``set_value_checks(False)``, where they pool to zero too).
+            (a value check).
         init_std: Std of the truncated-normal init of the queries and linear weights
             (biases start at zero, as in I-JEPA / V-JEPA). The queries are the parameter
             ``query_tokens`` of shape ``(Q, D)``; like V-JEPA's, that name keeps them out

@@ -14,11 +14,9 @@ the RoFormer paper). V-JEPA 2 tiles its sin/cos with ``repeat`` instead of
 ``repeat_interleave`` so that a channel pair is rotated by two different angles, which
 breaks the relative-position property (its PR 15); the tests here check the property.
 
-``RoPE2D.forward`` rejects NaN/Inf positions with ``ValueError`` while value checks are
-enabled (the default; a host sync on an accelerator; ``jepa_blocks.set_value_checks(False)``
-turns them off, and they are skipped under ``torch.compile`` / ``torch.export``). ``q`` and
-``k`` pass through unchecked, and :func:`rope_2d_angles` / :meth:`RoPE2D.cos_sin`, which
-encoders call on every forward with positions they built themselves, never sync.
+``RoPE2D.forward`` rejects NaN/Inf positions with ``ValueError`` (a value check). ``q``
+and ``k`` pass through unchecked, and :func:`rope_2d_angles` / :meth:`RoPE2D.cos_sin`,
+which encoders call on every forward with positions they built themselves, never sync.
 """
 
 from __future__ import annotations

@@ -22,18 +22,24 @@ sample-major: sequence ``b * M_total + j`` holds block ``j`` of sample ``b`` whe
 blocks of level 0 come first, then those of level 1, and so on. Padded context tokens and
 padded queries are hidden as attention keys, so they never change a real query's output.
 
-Inputs are validated at ``forward``. A ``context`` with NaN/Inf and ids outside their
-level grid raise ``ValueError`` while value checks are enabled: the default, at the price
-of a host sync per check on an accelerator; ``jepa_blocks.set_value_checks(False)`` turns
-them off, and they are skipped under ``torch.compile`` / ``torch.export``. A ``context``
-of another floating dtype than the weights is cast to it (unless autocast is on).
+Inputs are validated at ``forward``; a ``context`` with NaN/Inf and ids outside their
+level grid raise ``ValueError`` (value checks). A ``context`` of another floating dtype
+than the weights is cast to it (unless autocast is on).
+
+The patch grid is a forward argument (``grid_size=``), as for ``ViTEncoder`` (whose
+``EncoderOutput.grid_size`` can be passed on), so one predictor serves global views and
+small local crops alike; the constructor's ``grid_size`` is only the default. A small
+grid may have fewer levels than the predictor: ``forward(..., num_levels=L)`` predicts
+only the first ``L`` levels (mask tokens and heads ``0 .. L-1``). The fixed position
+tables of a grid (sin-cos or RoPE cos/sin over the cells of every level) are built on
+first use and cached on the module per ``(H, W)``, outside the ``state_dict``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +57,22 @@ from jepa_blocks._checks import (
     check_tensor,
     match_dtype,
 )
-from jepa_blocks.encoders.attention import (
+from jepa_blocks.grid import level_grid_size, token_positions
+from jepa_blocks.layers import (
     attention_mask_from_valid,
     init_transformer_weights,
     rescale_residual_branches,
     transformer_stack,
 )
-from jepa_blocks.grid import level_grid_size, token_positions
 from jepa_blocks.masking.indices import MaskIndices
 from jepa_blocks.positional.rope2d import RoPE2D
 from jepa_blocks.positional.sincos import sincos_2d
 
 __all__ = ["HierarchicalPredictor"]
+
+# Grids whose position tables a predictor keeps at once (oldest dropped first). Training
+# uses one or two (global and local crops); evaluation at other resolutions adds a few.
+_MAX_CACHED_GRIDS = 8
 
 
 def _max_levels(grid_size: tuple[int, int]) -> int:
@@ -87,6 +97,22 @@ def _level_positions(grid_size: tuple[int, int], num_levels: int) -> tuple[torch
     return torch.cat(chunks), offsets
 
 
+class _GridTables(NamedTuple):
+    """Everything a forward pass needs to know about one patch grid.
+
+    ``offsets[l]``: first row of level ``l`` in the tables; ``level_cells[l]``: its number
+    of cells. ``pos`` is the sin-cos table ``(cells, P)`` or ``None``; ``cos`` / ``sin``
+    the RoPE tables ``(cells, Dh / 2)`` or ``None``. Float32 (cast at use), on ``device``.
+    """
+
+    offsets: list[int]
+    level_cells: list[int]
+    pos: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    device: torch.device
+
+
 def _as_mask_indices(name: str, value: object) -> MaskIndices:
     """Accept a ``MaskIndices`` or an integer tensor of ids (then every id is real)."""
     if isinstance(value, MaskIndices):
@@ -100,7 +126,6 @@ def _as_mask_indices(name: str, value: object) -> MaskIndices:
 
 
 def _check_ids_in_range(name: str, ids: torch.Tensor, num_cells: int, grid: tuple[int, int], level: int) -> None:
-    # A value check: one host sync, skipped under compile or when value checks are off.
     check_index_range(name, ids, num_cells, what=f"of the level-{level} grid {grid}")
 
 
@@ -139,13 +164,17 @@ class HierarchicalPredictor(nn.Module):
     convention and the sequence layout.
 
     Args:
-        grid_size: Level-0 patch grid ``(H, W)`` (an int means square).
+        grid_size: Default level-0 patch grid ``(H, W)`` (an int means square), used when
+            ``forward`` gets no ``grid_size``; ``None`` makes ``grid_size`` a required
+            forward argument.
         embed_dim: Width ``D`` of the context encoder's tokens.
         predictor_dim: Width ``P`` of the predictor (384 in I-JEPA's ViT-H predictor).
         depth: Number of transformer blocks.
         num_heads: Attention heads; must divide ``predictor_dim``.
         num_levels: Number of hierarchy levels ``L``, at most the number of levels until
-            the grid is ``1 x 1`` (``1 + ceil(log2(max(H, W)))``).
+            the default grid is ``1 x 1`` (``1 + ceil(log2(max(H, W)))``). A ``forward``
+            call predicts all of them (or its own ``num_levels``, the first ones), and its
+            grid must have that many levels.
         out_dim: Output width per level: an int for all levels, a sequence of ``L`` ints,
             or ``None`` for ``embed_dim`` everywhere.
         mlp_ratio: MLP hidden width as a multiple of ``predictor_dim``.
@@ -174,12 +203,19 @@ class HierarchicalPredictor(nn.Module):
         >>> out = pred(context, context_indices=context_ids, targets=[ids0, ids1])
         >>> [tuple(o.shape) for o in out]
         [(2, 2, 4, 64), (2, 1, 4, 64)]
+        >>> # The same module on a small 4 x 4 local crop: pass its grid (and, if wanted,
+        >>> # predict level 0 only).
+        >>> local_targets = torch.tensor([[12, 13]]).expand(2, 1, 2)
+        >>> local = pred(context[:, :9], context_indices=context_ids[:, :9], targets=local_targets,
+        ...              grid_size=4, num_levels=1)
+        >>> [tuple(o.shape) for o in local]
+        [(2, 1, 2, 64)]
     """
 
     def __init__(
         self,
         *,
-        grid_size: int | tuple[int, int],
+        grid_size: int | tuple[int, int] | None = None,
         embed_dim: int,
         predictor_dim: int = 384,
         depth: int = 6,
@@ -196,7 +232,7 @@ class HierarchicalPredictor(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.grid_size = check_grid("grid_size", grid_size)
+        self.grid_size = None if grid_size is None else check_grid("grid_size", grid_size)
         self.embed_dim = check_int("embed_dim", embed_dim, min_value=1)
         self.predictor_dim = check_int("predictor_dim", predictor_dim, min_value=1)
         depth = check_int("depth", depth, min_value=1)
@@ -206,7 +242,7 @@ class HierarchicalPredictor(nn.Module):
                 f"num_heads must divide predictor_dim, got predictor_dim={predictor_dim}, "
                 f"num_heads={num_heads}"
             )
-        max_levels = _max_levels(self.grid_size)
+        max_levels = None if self.grid_size is None else _max_levels(self.grid_size)
         self.num_levels = check_int("num_levels", num_levels, min_value=1, max_value=max_levels)
         self.out_dims = self._parse_out_dim(out_dim)
         mlp_ratio = check_float("mlp_ratio", mlp_ratio, min_value=0.0, min_inclusive=False)
@@ -247,21 +283,12 @@ class HierarchicalPredictor(nn.Module):
         )
         self.norm = nn.LayerNorm(predictor_dim, eps=1e-6)
         self.heads = nn.ModuleList(nn.Linear(predictor_dim, d) for d in self.out_dims)
-
-        # Fixed tables over the cells of all levels (row offsets[l] + id for level l's
-        # cell id), not saved in the state dict: they follow .to() and are rebuilt on init.
-        positions, self._offsets = _level_positions(self.grid_size, self.num_levels)
-        self._level_cells = [
-            math.prod(level_grid_size(self.grid_size, lvl)) for lvl in range(self.num_levels)
-        ]
-        if self.pos_embed == "sincos":
-            self.rope = None
-            self.register_buffer("pos_table", sincos_2d(positions, predictor_dim), persistent=False)
-        else:
-            self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta)
-            cos, sin = self.rope.cos_sin(positions)  # (1, cells, head_dim / 2) each
-            self.register_buffer("rope_cos", cos[0], persistent=False)
-            self.register_buffer("rope_sin", sin[0], persistent=False)
+        self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta) if self.pos_embed == "rope" else None
+        # Position tables per grid, (H, W) -> _GridTables: a plain dict, so not in the
+        # state dict; entries are rebuilt for a new device and dropped by .to() / .half().
+        self._grid_tables: dict[tuple[int, int], _GridTables] = {}
+        if self.grid_size is not None:
+            self._tables_for(self.grid_size, torch.device("cpu"))
 
         self.apply(init_transformer_weights)
         rescale_residual_branches(self.blocks)
@@ -287,14 +314,68 @@ class HierarchicalPredictor(nn.Module):
         """Turn per-block gradient checkpointing on or off (used only while training)."""
         self.grad_checkpointing = check_bool("enable", enable)
 
+    def _tables_for(self, grid: tuple[int, int], device: torch.device) -> _GridTables:
+        """The cached position tables of ``grid`` on ``device``, built on a miss."""
+        tables = self._grid_tables.get(grid)
+        if tables is not None and tables.device == device:
+            return tables
+        # Rows of the tables: level l's cell id i sits at row offsets[l] + i. A grid with
+        # fewer levels than the predictor gets the levels it has.
+        num_levels = min(self.num_levels, _max_levels(grid))
+        positions, offsets = _level_positions(grid, num_levels)
+        positions = positions.to(device)
+        cells = [math.prod(level_grid_size(grid, lvl)) for lvl in range(num_levels)]
+        pos = cos = sin = None
+        if self.rope is None:
+            pos = sincos_2d(positions, self.predictor_dim)  # (cells, P)
+        else:
+            cos, sin = (t[0] for t in self.rope.cos_sin(positions))  # (cells, Dh / 2) each
+        tables = _GridTables(offsets, cells, pos, cos, sin, device)
+        self._grid_tables.pop(grid, None)
+        while len(self._grid_tables) >= _MAX_CACHED_GRIDS:
+            self._grid_tables.pop(next(iter(self._grid_tables)))
+        self._grid_tables[grid] = tables
+        return tables
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HierarchicalPredictor:
+        # Every .to() / .cuda() / .double() / .half() passes here: drop the cached tables,
+        # the next forward rebuilds those it needs on its device (float32, cast at use).
+        self._grid_tables.clear()
+        return super()._apply(fn, recurse)
+
+    def _forward_grid(self, grid_size: object, num_levels: int) -> tuple[int, int]:
+        """The grid of this call (argument or default), checked against ``num_levels``."""
+        if grid_size is None:
+            if self.grid_size is None:
+                raise ValueError(
+                    "grid_size must be passed to forward: this predictor was built without a "
+                    "default grid_size"
+                )
+            return self.grid_size  # has self.num_levels >= num_levels levels (constructor)
+        grid = check_grid("grid_size", grid_size)
+        max_levels = _max_levels(grid)
+        if num_levels > max_levels:
+            raise ValueError(
+                f"grid_size {grid} has only {max_levels} hierarchy levels (down to 1 x 1), "
+                f"fewer than num_levels={num_levels} to predict (pass num_levels=<= {max_levels} "
+                "to predict the first levels only)"
+            )
+        return grid
+
     def _check_targets(
-        self, targets: object, batch: int, device: torch.device
+        self,
+        targets: object,
+        batch: int,
+        device: torch.device,
+        grid: tuple[int, int],
+        cells: list[int],
+        num_levels: int,
     ) -> tuple[list[MaskIndices], list[bool]]:
         """Validate targets; return them as ``(B, M_l, K_l)`` plus which were ``(B, K_l)``."""
         if isinstance(targets, (MaskIndices, torch.Tensor)):
-            if self.num_levels != 1:
+            if num_levels != 1:
                 raise TypeError(
-                    f"targets must be a sequence of num_levels={self.num_levels} MaskIndices, "
+                    f"targets must be a sequence of num_levels={num_levels} MaskIndices, "
                     "got a single one"
                 )
             targets = [targets]
@@ -303,9 +384,9 @@ class HierarchicalPredictor(nn.Module):
                 f"targets must be a MaskIndices or a sequence of MaskIndices, got "
                 f"{type(targets).__name__}"
             )
-        if len(targets) != self.num_levels:
+        if len(targets) != num_levels:
             raise ValueError(
-                f"targets must hold one entry per level (num_levels={self.num_levels}), "
+                f"targets must hold one entry per level (num_levels={num_levels}), "
                 f"got {len(targets)}"
             )
         out, squeeze = [], []
@@ -320,8 +401,7 @@ class HierarchicalPredictor(nn.Module):
                 raise ValueError(
                     f"{name} batch size {t.shape[0]} does not match context batch size {batch}"
                 )
-            grid = level_grid_size(self.grid_size, lvl)
-            _check_ids_in_range(name, t.indices, self._level_cells[lvl], grid, lvl)
+            _check_ids_in_range(name, t.indices, cells[lvl], level_grid_size(grid, lvl), lvl)
             squeeze.append(t.indices.ndim == 2)
             if t.indices.ndim == 2:
                 t = MaskIndices(t.indices.unsqueeze(1), t.valid.unsqueeze(1))
@@ -334,6 +414,8 @@ class HierarchicalPredictor(nn.Module):
         *,
         context_indices: MaskIndices | torch.Tensor,
         targets: MaskIndices | torch.Tensor | Sequence[MaskIndices | torch.Tensor],
+        grid_size: int | tuple[int, int] | None = None,
+        num_levels: int | None = None,
     ) -> list[torch.Tensor]:
         """Predict the target features of every block of every level.
 
@@ -343,9 +425,15 @@ class HierarchicalPredictor(nn.Module):
                 context token's id on the level-0 grid. Padded tokens (``valid`` False)
                 are ignored.
             targets: For ``num_levels == 1`` a ``MaskIndices`` (or long tensor), else a
-                sequence of ``num_levels`` of them; entry ``l`` has shape
+                sequence of ``num_levels`` of them (this call's ``num_levels``); entry ``l`` has shape
                 ``(B, M_l, K_l)`` (``M_l`` blocks) or ``(B, K_l)`` (one block) with ids on
                 the level-``l`` grid. Long tensors count as all valid.
+            grid_size: Level-0 patch grid ``(H, W)`` of this batch (e.g. the encoder's
+                ``EncoderOutput.grid_size``); ``None`` uses the constructor's. It must have
+                at least ``num_levels`` levels (``ValueError`` naming ``grid_size``).
+            num_levels: Predict only the first ``num_levels`` levels, in
+                ``[1, self.num_levels]`` (e.g. level 0 alone on small local crops);
+                ``None`` predicts all of them.
 
         Returns:
             One tensor per level of shape ``(B, M_l, K_l, out_dim[l])`` (or
@@ -353,6 +441,10 @@ class HierarchicalPredictor(nn.Module):
             finite values; mask them with ``targets[l].valid``.
         """
         check_tensor("context", context, ndim=3, kind="float")
+        if num_levels is not None:
+            num_levels = check_int("num_levels", num_levels, min_value=1, max_value=self.num_levels)
+        num_levels = self.num_levels if num_levels is None else num_levels
+        grid = self._forward_grid(grid_size, num_levels)
         b, nc, d = context.shape
         if d != self.embed_dim:
             raise ValueError(
@@ -364,13 +456,16 @@ class HierarchicalPredictor(nn.Module):
                 f"context_indices must have shape (B, Nc) = {(b, nc)} matching context, got "
                 f"{tuple(ctx.shape)}"
             )
-        _check_ids_in_range("context_indices", ctx.indices, self._level_cells[0], self.grid_size, 0)
+        tables = self._tables_for(grid, context.device)
+        _check_ids_in_range("context_indices", ctx.indices, tables.level_cells[0], grid, 0)
         ctx = ctx.to(context.device)
-        levels, squeeze = self._check_targets(targets, b, context.device)
+        levels, squeeze = self._check_targets(
+            targets, b, context.device, grid, tables.level_cells, num_levels
+        )
         check_finite(("context", context))
         context = match_dtype(context, self.predictor_embed.weight.dtype)
 
-        ids, valid, block_level = _pack_blocks(levels, self._offsets)  # (B, Mt, Q), (Mt,)
+        ids, valid, block_level = _pack_blocks(levels, tables.offsets[:num_levels])  # (B, Mt, Q), (Mt,)
         mt, q = ids.shape[1], ids.shape[2]
         x = self.predictor_embed(context)  # (B, Nc, P)
         p = x.shape[-1]
@@ -380,7 +475,7 @@ class HierarchicalPredictor(nn.Module):
             queries = self.mask_tokens[block_level].to(x.dtype)[None, :, None, :]  # (1, Mt, 1, P)
             queries = queries.expand(b, mt, q, p)
             if self.pos_embed == "sincos":
-                table = self.pos_table.to(x.dtype)
+                table = tables.pos.to(x.dtype)
                 x = x + table[ctx.indices]
                 queries = queries + table[ids]
             # One sequence per (sample, block): the sample's context, then the block's queries.
@@ -391,7 +486,7 @@ class HierarchicalPredictor(nn.Module):
             if self.pos_embed == "rope":
                 seq_ids = torch.cat((ctx.indices.unsqueeze(1).expand(b, mt, nc), ids), dim=2)
                 seq_ids = seq_ids.flatten(0, 1)  # (B*Mt, Nc+Q) rows of the position tables
-                rope = (self.rope_cos[seq_ids].unsqueeze(1), self.rope_sin[seq_ids].unsqueeze(1))
+                rope = (tables.cos[seq_ids].unsqueeze(1), tables.sin[seq_ids].unsqueeze(1))
             use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.blocks:
                 if use_ckpt:

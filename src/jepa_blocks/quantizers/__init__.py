@@ -9,6 +9,7 @@ from jepa_blocks.quantizers.vq import (
     VQOutput,
     code_perplexity,
     codebook_from_ema,
+    codebook_usage,
     nearest_codes,
     squared_distances,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "VectorQuantizer",
     "code_perplexity",
     "codebook_from_ema",
+    "codebook_usage",
     "nearest_codes",
     "squared_distances",
 ]

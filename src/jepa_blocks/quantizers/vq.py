@@ -19,8 +19,9 @@ training steps they are re-initialised from rows of a ring buffer of recent enco
 (random restarts as in Jukebox, Dhariwal et al. 2020), so the whole codebook stays in use.
 
 Pure functions first (:func:`squared_distances`, :func:`nearest_codes`,
-:func:`codebook_from_ema`, :func:`code_perplexity`), then :class:`VectorQuantizer`, which
-owns the codebook, the EMA statistics, the ring buffer and the step counter as buffers.
+:func:`codebook_from_ema`, :func:`code_perplexity`, :func:`codebook_usage`), then
+:class:`VectorQuantizer`, which owns the codebook, the EMA statistics, the ring buffer and
+the step counter as buffers.
 """
 
 from __future__ import annotations
@@ -33,25 +34,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from jepa_blocks._checks import (
-    _has_data,
     check_bool,
     check_choice,
     check_finite,
     check_float,
+    check_index_range,
     check_int,
     check_tensor,
+    has_data,
     value_checks_enabled,
 )
+from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks._seeding import mix
 from jepa_blocks.distributed import is_distributed
-from jepa_blocks.evaluation.diagnostics import codebook_usage
-from jepa_blocks.losses._precision import full_precision
 
 __all__ = [
     "VQOutput",
     "VectorQuantizer",
     "code_perplexity",
     "codebook_from_ema",
+    "codebook_usage",
     "nearest_codes",
     "squared_distances",
 ]
@@ -61,10 +63,6 @@ _INITS = ("data", "normal")
 _MAX_CODES = 2**24
 # Distance block budget (elements of one (rows, K) block) for the chunked argmin.
 _BLOCK_ELEMENTS = 2**22
-
-
-def _stats_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_rows_and_codebook(z: Tensor, codebook: Tensor) -> None:
@@ -92,7 +90,7 @@ def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
         Distances of shape (M, K), float32 or float64.
     """
     _check_rows_and_codebook(z, codebook)
-    dtype = _stats_dtype(z, codebook)
+    dtype = compute_dtype(z, codebook)
     with full_precision(z.device):
         z, codebook = z.to(dtype), codebook.to(dtype)
         z_sq = z.square().sum(1, keepdim=True)
@@ -138,7 +136,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, *, chunk_size: int | None = None)
     if chunk_size is None:
         chunk_size = max(1, _BLOCK_ELEMENTS // k)
     chunk_size = check_int("chunk_size", chunk_size, min_value=1)
-    dtype = _stats_dtype(z, codebook)
+    dtype = compute_dtype(z, codebook)
     with full_precision(z.device):
         return _nearest(z.to(dtype), codebook.to(dtype), chunk_size)
 
@@ -179,7 +177,7 @@ def codebook_from_ema(cluster_size: Tensor, embed_sum: Tensor, *, eps: float = 1
         )
     eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
     check_finite(("cluster_size", cluster_size), ("embed_sum", embed_sum))
-    if value_checks_enabled() and _has_data(cluster_size):
+    if value_checks_enabled() and has_data(cluster_size):
         lo, total = torch.stack([cluster_size.min(), cluster_size.sum()]).tolist()
         if lo < 0 or total <= 0:
             raise ValueError(
@@ -218,11 +216,39 @@ def code_perplexity(counts: Tensor) -> Tensor:
     check_tensor("counts", counts, ndim=1)
     if counts.is_complex():
         raise TypeError(f"counts must be a real tensor, got dtype {counts.dtype}")
-    counts = counts.to(_stats_dtype(counts))
+    counts = counts.to(compute_dtype(counts))
     check_finite(("counts", counts))
-    if value_checks_enabled() and _has_data(counts) and bool(counts.min() < 0):
+    if value_checks_enabled() and has_data(counts) and bool(counts.min() < 0):
         raise ValueError(f"counts must be >= 0, got min {counts.min().item()}")
     return _perplexity(counts)
+
+
+def codebook_usage(codes: Tensor, *, num_codes: int) -> float:
+    """Fraction of the ``num_codes`` codebook entries that occur at least once in ``codes``.
+
+    Args:
+        codes: Integer code ids of any shape ``(...)``, each in ``[0, num_codes)`` (a value
+            check: one host sync; without it, ids outside the range are not counted).
+        num_codes: Codebook size ``K``.
+
+    Returns:
+        ``|unique(codes)| / K``, in ``[0, 1]`` (``0`` for an empty ``codes``).
+
+    Example:
+        >>> codebook_usage(torch.tensor([0, 1, 1, 3]), num_codes=8)
+        0.375
+    """
+    num_codes = check_int("num_codes", num_codes, min_value=1)
+    check_tensor("codes", codes, kind="int", allow_empty=True)
+    if codes.numel() == 0:
+        return 0.0
+    flat = codes.reshape(-1).long()
+    check_index_range("codes", flat, num_codes, what=f"(num_codes={num_codes})")
+    # Ids outside [0, K) (possible only with value checks off) land in an extra slot that
+    # is not counted, so the result stays in [0, 1].
+    slot = torch.where((flat >= 0) & (flat < num_codes), flat, num_codes)
+    seen = torch.zeros(num_codes + 1, dtype=torch.bool, device=flat.device).index_fill_(0, slot, True)
+    return float(seen[:num_codes].sum()) / num_codes
 
 
 @dataclass
@@ -398,8 +424,8 @@ class VectorQuantizer(nn.Module):
     def usage(self) -> float:
         """Fraction of the codes used by the last ``buffer_size`` training rows (0 before any).
 
-        Uses :func:`~jepa_blocks.evaluation.diagnostics.codebook_usage` on the ring
-        buffer's codes (one host sync); identical on all ranks with ``gather_distributed``.
+        :func:`codebook_usage` of the ring buffer's codes (one host sync); identical on all
+        ranks with ``gather_distributed``.
         """
         valid = min(self._seen(), self.buffer_size)
         return codebook_usage(self.recent_codes[:valid], num_codes=self.num_codes)

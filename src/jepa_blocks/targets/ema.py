@@ -14,7 +14,6 @@ schedule position in ``state_dict``.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -23,13 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from jepa_blocks._checks import check_bool, check_choice, check_float, check_int, check_pair
+from jepa_blocks._ramp import ramp
+from jepa_blocks.distributed import module_wrappers, unwrap_module
 
-__all__ = ["momentum_schedule", "ema_update_", "unwrap_module", "EMATarget"]
+__all__ = ["momentum_schedule", "ema_update_", "EMATarget"]
 
 _SCHEDULES = ("linear", "cosine")
-# Wrapper attributes that hold the real module: DDP / DataParallel (``module``) and
-# ``torch.compile``'s OptimizedModule (``_orig_mod``).
-_WRAPPER_ATTRS = ("module", "_orig_mod")
 
 
 def momentum_schedule(
@@ -47,7 +45,8 @@ def momentum_schedule(
     * ``'linear'``: ``start + (end - start) * t`` (I-JEPA);
     * ``'cosine'``: ``end - (end - start) * (cos(pi * t) + 1) / 2`` (BYOL).
 
-    Both give ``start`` at step 0 (the first update) and ``end`` from ``total_steps`` on.
+    Both give ``start`` at step 0 (the first update) and ``end`` from ``total_steps`` on;
+    ``'cosine'`` is the ramp of :func:`~jepa_blocks.training.schedules.cosine_ramp`.
 
     Args:
         step: Number of optimizer steps taken before this update, ``>= 0``.
@@ -66,16 +65,7 @@ def momentum_schedule(
     if start > end:
         raise ValueError(f"start must be <= end, got start={start}, end={end}")
     schedule = check_choice("schedule", schedule, _SCHEDULES)
-    if step >= total_steps:
-        return end
-    t = step / total_steps
-    if schedule == "linear":
-        weight = t
-    else:
-        # (1 - cos(pi t)) / 2 written as sin^2(pi t / 2): same value, no cancellation near 0.
-        weight = math.sin(0.5 * math.pi * t) ** 2
-    # Clamp away rounding so that the result stays in [start, end].
-    return min(max(start + (end - start) * weight, start), end)
+    return ramp(step, total_steps, start, end, schedule)
 
 
 def _lerp_params(targets: list[torch.Tensor], onlines: list[torch.Tensor], weight: float) -> None:
@@ -139,41 +129,16 @@ def ema_update_(
     _lerp_params(list(target_params), list(online_params), 1.0 - momentum)
 
 
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
-
-    A wrapper is recognised by duck typing: it holds the real module in ``module`` or
-    ``_orig_mod`` and has no parameters or buffers of its own besides that child's. Any
-    other module is returned unchanged.
-    """
-    while True:
-        for attr in _WRAPPER_ATTRS:
-            inner = getattr(module, attr, None)
-            if isinstance(inner, nn.Module) and inner is not module and _only_child(module, attr):
-                module = inner
-                break
-        else:
-            return module
-
-
 def _ddp_buffer_group(online: nn.Module) -> Any | None:
     """Process group of a buffer-broadcasting DDP wrapper around ``online``, else ``None``."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     from torch.nn.parallel import DistributedDataParallel
 
-    module = online
-    while not isinstance(module, DistributedDataParallel):
-        for attr in _WRAPPER_ATTRS:  # the wrappers that unwrap_module strips, one at a time
-            inner = getattr(module, attr, None)
-            if isinstance(inner, nn.Module) and inner is not module and _only_child(module, attr):
-                module = inner
-                break
-        else:
-            return None
-    if not module.broadcast_buffers or dist.get_world_size(module.process_group) < 2:
+    ddp = [w for w in module_wrappers(online) if isinstance(w, DistributedDataParallel)]
+    if not ddp or not ddp[0].broadcast_buffers or dist.get_world_size(ddp[0].process_group) < 2:
         return None
-    return module.process_group
+    return ddp[0].process_group
 
 
 def _broadcast_from_first_rank(tensors: list[torch.Tensor], group: Any) -> None:
@@ -187,12 +152,6 @@ def _broadcast_from_first_rank(tensors: list[torch.Tensor], group: Any) -> None:
         dist.broadcast(flat, src=src, group=group)
         for t, part in zip(ts, flat.split([t.numel() for t in ts]), strict=True):
             t.copy_(part.view_as(t))
-
-
-def _only_child(module: nn.Module, attr: str) -> bool:
-    prefix = attr + "."
-    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-    return all(n.startswith(prefix) for n in names)
 
 
 def _match(
@@ -234,11 +193,10 @@ class EMATarget(nn.Module):
     The number of steps taken is the persistent buffer ``num_steps``, so ``state_dict()``
     / ``load_state_dict()`` restore the schedule position together with the weights.
 
-    Train/eval mode: the copy is an ordinary submodule, so it follows this module's mode
-    (``ema.train()``, ``ema.eval()``, or a parent's ``.train()``); it is *not* forced
-    into eval mode. At construction the EMATarget takes the mode of ``online``. Call
-    ``.eval()`` on it if the targets should use BatchNorm running statistics and no
-    dropout.
+    Eval mode, always: the copy runs without dropout or drop-path and with the BatchNorm
+    running statistics copied from ``online``, whatever the mode of the EMATarget or of a
+    parent module (``.train()`` sets ``self.training`` but leaves the copy in eval mode).
+    Regression targets are then a deterministic function of the weights.
 
     ``update_every = k``: the update on the ``k``-th, ``2k``-th, ... call (optimizer step
     ``s = k - 1, 2k - 1, ...``, 0-based) uses the plain schedule value ``m(s)``. With
@@ -247,8 +205,9 @@ class EMATarget(nn.Module):
 
     Args:
         online: The online (context) encoder. DDP / DataParallel / ``torch.compile``
-            wrappers are unwrapped before copying. The copy keeps its device and dtype;
-            ``.to()`` on the EMATarget moves it as usual.
+            wrappers are unwrapped before copying
+            (:func:`~jepa_blocks.distributed.unwrap_module`). The copy keeps its device
+            and dtype; ``.to()`` on the EMATarget moves it as usual.
         total_steps: Number of optimizer steps over which the momentum ramps, ``>= 1``.
         momentum: ``(start, end)`` with ``0 <= start <= end <= 1``, or one float for a
             constant momentum.
@@ -304,6 +263,12 @@ class EMATarget(nn.Module):
         # the buffer after load_state_dict() (see _load_from_state_dict).
         self._host_step: int | None = 0
         self.train(online.training)
+
+    def train(self, mode: bool = True) -> EMATarget:
+        """Set ``self.training``; the EMA copy itself always stays in eval mode."""
+        super().train(mode)
+        self.module.eval()
+        return self
 
     @property
     def step(self) -> int:

@@ -15,8 +15,8 @@ Nothing here is detached or normalised. The caller runs the target (EMA) encoder
 ``torch.no_grad()``, so its features carry no graph; gradients flow when they do. The
 per-token normalisation of I-JEPA (``layer_norm`` without affine over the feature dim) is
 the latent loss's job, applied to the gathered (pooled) targets; so is rejecting NaN/Inf
-targets (features pass through here unchecked; the target ids are range-checked while
-value checks are enabled).
+targets (features pass through here unchecked; the target ids are range-checked, a value
+check).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ def _target_ids(name: str, value: object, batch: int, num_cells: int, grid: tupl
         raise ValueError(f"{name} must have shape (B, M, K) or (B, K), got {tuple(ids.shape)}")
     if ids.shape[0] != batch:
         raise ValueError(f"{name} batch size {ids.shape[0]} does not match features batch size {batch}")
-    # A value check: one host sync, skipped under compile or when value checks are off.
     check_index_range(name, ids, num_cells, what=f"of the level-{level} grid {grid}")
     return ids
 

@@ -3,22 +3,21 @@
 * :mod:`~jepa_blocks.training.schedules`: warmup-cosine learning rate, cosine weight-decay
   ramp, and :class:`OptimizerScheduler`, which writes both into an optimizer.
 * :mod:`~jepa_blocks.training.param_groups`: decayed / not-decayed parameter groups.
-* :mod:`~jepa_blocks.training.checkpoint`: atomic save, checked load, best-N retention and
-  RNG state capture for an exact resume.
+* :mod:`~jepa_blocks.training.checkpoint`: atomic save and checked load.
+* :mod:`~jepa_blocks.training.best_checkpoints`: keep the best ``N`` checkpoints by a metric.
+* :mod:`~jepa_blocks.training.rng`: capture and restore every global RNG, for an exact resume.
 * :mod:`~jepa_blocks.training.resumable`: a seeded, rank-sharded sampler and per-sample
   seeding, for a data order that is exact on resume and under DDP.
 * :mod:`~jepa_blocks.training.nonfinite`: skip NaN/Inf steps, stop after too many.
 """
 
+from jepa_blocks.training.best_checkpoints import BestCheckpoints
 from jepa_blocks.training.checkpoint import (
     FORMAT_VERSION,
-    BestCheckpoints,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from jepa_blocks.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from jepa_blocks.training.param_groups import (
@@ -27,6 +26,7 @@ from jepa_blocks.training.param_groups import (
     param_groups_for_weight_decay,
 )
 from jepa_blocks.training.resumable import ResumableSampler, SeededDataset, sample_seed
+from jepa_blocks.training.rng import rng_state, set_rng_state
 from jepa_blocks.training.schedules import OptimizerScheduler, cosine_ramp, warmup_cosine
 
 __all__ = [

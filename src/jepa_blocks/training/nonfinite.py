@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from jepa_blocks._checks import check_int
+from jepa_blocks.distributed import is_distributed
 
 __all__ = ["NonFiniteGuard", "NonFiniteLossError"]
 
@@ -88,7 +89,7 @@ class NonFiniteGuard:
                 raise TypeError(f"grad_norms[{i}] must be a tensor or a float, got {type(g).__name__}")
             values.append(torch.as_tensor(g, dtype=torch.float32, device=loss.device).detach().reshape(-1))
         bad = (~torch.isfinite(torch.cat(values))).any().float().reshape(1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() == 0:
             self.consecutive = 0

@@ -38,6 +38,7 @@ from jepa_blocks._seeding import mix
 
 __all__ = ["ResumableSampler", "SeededDataset", "sample_seed"]
 
+
 def sample_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (SplitMix64 chain), e.g. ``(seed, epoch, index)``.
 

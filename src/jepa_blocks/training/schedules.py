@@ -17,36 +17,15 @@ per ``optimizer.step()``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from jepa_blocks._checks import check_float, check_int
+from jepa_blocks._ramp import ramp
 
 __all__ = ["warmup_cosine", "cosine_ramp", "OptimizerScheduler"]
-
-
-def _cosine_weight(t: float) -> float:
-    """Weight of the start value at progress ``t`` in [0, 1]: ``(1 + cos(pi t)) / 2``.
-
-    Written as ``cos^2(pi t / 2)``: same value, and it is exactly 1 at 0 and ~0 at 1.
-    """
-    return math.cos(0.5 * math.pi * t) ** 2
-
-
-def _interp(weight: float, at_zero: float, at_one: float) -> float:
-    """``at_zero + (at_one - at_zero) * weight`` for ``weight`` in [0, 1], exact at both ends.
-
-    The lerp form is monotone in ``weight`` under rounding; the result is clamped into the
-    interval spanned by the two ends, and ``weight == 1`` returns ``at_one`` exactly
-    (``a + (b - a) * 1`` may differ from ``b`` in the last bit).
-    """
-    if weight == 1.0:
-        return at_one
-    value = at_zero + (at_one - at_zero) * weight
-    return min(max(value, min(at_zero, at_one)), max(at_zero, at_one))
 
 
 def warmup_cosine(
@@ -92,12 +71,9 @@ def warmup_cosine(
     start_value = check_float("start_value", start_value)
     peak_value = check_float("peak_value", peak_value)
     final_value = check_float("final_value", final_value)
-    if step >= total_steps:
-        return final_value
     if step < warmup_steps:
-        return _interp(step / warmup_steps, start_value, peak_value)
-    t = (step - warmup_steps) / (total_steps - warmup_steps)
-    return _interp(_cosine_weight(t), final_value, peak_value)
+        return ramp(step, warmup_steps, start_value, peak_value, "linear")
+    return ramp(step - warmup_steps, total_steps - warmup_steps, peak_value, final_value, "cosine")
 
 
 def cosine_ramp(
@@ -127,9 +103,7 @@ def cosine_ramp(
     total_steps = check_int("total_steps", total_steps, min_value=1)
     start_value = check_float("start_value", start_value)
     final_value = check_float("final_value", final_value)
-    if step >= total_steps:
-        return final_value
-    return _interp(_cosine_weight(step / total_steps), final_value, start_value)
+    return ramp(step, total_steps, start_value, final_value, "cosine")
 
 
 def _lr_triple(value: Any) -> tuple[float, float, float]:

@@ -1,4 +1,5 @@
-"""Computation precision of the losses: float32 inside, float64 kept for exact tests."""
+"""Computation precision shared by the losses and the quantiser: float32 inside, float64
+kept for exact tests, autocast off."""
 
 from __future__ import annotations
 
