@@ -95,7 +95,9 @@ from jepa_blocks.training import (  # noqa: E402
 
 PRESETS: dict[str, dict] = {
     # 32 px images, patch 4 (8x8 grid), ViT-Tiny width at depth 6: at this CPU budget more
-    # steps beat a bigger model. Objective and augmentation: see docs/guides/training.md.
+    # steps beat a bigger model. A VICReg term between the pooled context tokens and the
+    # pooled EMA-target tokens of a second crop, EMA start 0.98 (benchmarks/RESULTS.md; the
+    # LeJEPA-term recipe measured there did not beat it clearly enough to replace it).
     "cifar": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, pred_dim=96, pred_depth=3,
                   pred_heads=3, batch_size=128, lr=1e-3, warmup_steps=200, reg="vicreg", reg_weight=0.05,
                   views=2, ema_start=0.98, workers=1),
@@ -103,6 +105,8 @@ PRESETS: dict[str, dict] = {
     "imagenet": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, pred_dim=192,
                      pred_depth=6, pred_heads=6, batch_size=128, lr=1.5e-3, warmup_steps=2000),
 }
+# The embedded digits default (1,437 pretraining images) overrides these unless given.
+DIGITS: dict = dict(epochs=15, warmup_steps=20)
 
 
 def opt(default, help: str, choices=None):
@@ -214,8 +218,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args = vars(parser.parse_args(argv))
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     given = sys.argv[1:] if argv is None else argv
-    if cfg.data in (None, "", "digits") and not any(a.startswith("--epochs") for a in given):
-        cfg.epochs = 15  # the embedded digits default: a few CPU minutes end to end
+    if cfg.data in (None, "", "digits"):  # the embedded default: a few CPU minutes end to end
+        for name, value in DIGITS.items():
+            if not any(a.split("=")[0] == "--" + name.replace("_", "-") for a in given):
+                setattr(cfg, name, value)
     if not 1 <= cfg.jepa_views <= cfg.views:
         parser.error(f"--jepa-views must be in [1, --views {cfg.views}], got {cfg.jepa_views}")
     return cfg

