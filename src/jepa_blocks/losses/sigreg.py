@@ -41,20 +41,19 @@ from torch.utils.checkpoint import checkpoint
 
 from jepa_blocks._checks import check_bool, check_finite, check_float, check_int, check_tensor
 from jepa_blocks._precision import compute_dtype, full_precision
+from jepa_blocks._seeding import MASK64, splitmix64
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
 
 __all__ = ["SIGRegLoss", "lejepa_loss", "sigreg", "sigreg_directions"]
 
 _NORM_EPS = 1e-12
-_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 def _mix_seed(seed: int, step: int) -> int:
-    """Map ``(seed, step)`` to one 64-bit generator seed (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    """Map ``(seed, step)`` to one 64-bit generator seed (a SplitMix64 step of
+    ``seed * golden + step + c``; the constants keep the sequence of earlier releases)."""
+    return splitmix64((seed * _GOLDEN + step + 0x632BE59BD9B4E019 - _GOLDEN) & MASK64)
 
 
 def _raw_directions(dim: int, num_directions: int, seed: int, step: int) -> Tensor:
