@@ -88,12 +88,22 @@ class StepBatch:
         """A CPU generator of this step for the draw named ``tag`` (same on every rank)."""
         return torch.Generator().manual_seed(sample_seed(self.seed, tag))
 
+    def _of_view(self, rows: torch.Tensor | None, view: int) -> torch.Tensor | None:
+        """Rows of JEPA view ``view`` from a sample-major ``(B * jepa_views, ...)`` tensor."""
+        return None if rows is None else rows.unflatten(0, (self.images.shape[0], self.jepa_views))[:, view]
+
+    def pooled_context(self, view: int, pool: nn.Module) -> torch.Tensor:
+        """``pool`` of the context tokens of JEPA view ``view``: ``(B, D)``, computed once per
+        micro-batch (terms sharing the pool share the result and its graph)."""
+        key = ("context", view, id(pool))
+        if key not in self._cache:
+            self._cache[key] = pool(self._of_view(self.context.tokens, view), self._of_view(self.context.valid, view))
+        return self._cache[key]
+
     def target_of_view(self, view: int):
-        """EMA target output (all patches) of view ``view``, computed once per micro-batch."""
+        """EMA target tokens (all patches) of view ``view``, computed once per micro-batch."""
         if view < self.jepa_views:
-            b = self.images.shape[0]
-            tokens = self.target.tokens.unflatten(0, (b, self.jepa_views))[:, view]
-            return tokens
+            return self._of_view(self.target.tokens, view)
         if ("target", view) not in self._cache:
             with self.autocast(), torch.no_grad():
                 self._cache[("target", view)] = self.target_encoder(self.images[:, view]).tokens
@@ -161,11 +171,7 @@ class PooledRegulariser(nn.Module):
         }[kind]()
 
     def forward(self, batch: StepBatch) -> LossOutput:
-        b = batch.images.shape[0]
-        ctx = batch.context
-        tokens = ctx.tokens.unflatten(0, (b, batch.jepa_views))[:, 0]
-        valid = None if ctx.valid is None else ctx.valid.unflatten(0, (b, batch.jepa_views))[:, 0]
-        pooled = self.pool(tokens, valid)
+        pooled = batch.pooled_context(0, self.pool)
         logs = {}
         if self.kind == "sigreg":
             value = self.loss(standardize(pooled))
@@ -191,11 +197,7 @@ class CodebookTerm(nn.Module):
                                   gather_distributed=distributed, seed=cfg.seed)
 
     def forward(self, batch: StepBatch) -> LossOutput:
-        b = batch.images.shape[0]
-        tokens = batch.context.tokens.unflatten(0, (b, batch.jepa_views))[:, 0]
-        valid = batch.context.valid
-        valid = None if valid is None else valid.unflatten(0, (b, batch.jepa_views))[:, 0]
-        pooled = self.pool(tokens, valid)
+        pooled = batch.pooled_context(0, self.pool)
         out = self.vq(torch.nn.functional.layer_norm(pooled, pooled.shape[-1:]))
         return LossOutput(out.loss, {"vq_commit": out.loss.detach(), "vq_perplexity": out.perplexity,
                                      "vq_usage": out.usage})
@@ -265,10 +267,7 @@ class ViewInvariance(nn.Module):
 
     def forward(self, batch: StepBatch) -> LossOutput:
         b, v = batch.images.shape[:2]
-        ctx = batch.context
-        tokens = ctx.tokens.unflatten(0, (b, batch.jepa_views))
-        valid = None if ctx.valid is None else ctx.valid.unflatten(0, (b, batch.jepa_views))
-        pooled = [self.pool(tokens[:, i], None if valid is None else valid[:, i]) for i in range(batch.jepa_views)]
+        pooled = [batch.pooled_context(i, self.pool) for i in range(batch.jepa_views)]
         if v > batch.jepa_views:
             with batch.autocast():
                 rest = batch.encoder(batch.images[:, batch.jepa_views:].flatten(0, 1)).tokens
@@ -308,7 +307,8 @@ class TermSet(nn.Module):
 
     def __init__(self, cfg, *, distributed: bool) -> None:
         super().__init__()
-        self.pool = FeaturePool(cfg.pool, cfg.embed_dim, cfg.num_heads)
+        pooled_terms = cfg.reg != "none" or cfg.vq_codes  # no unused attention pool otherwise
+        self.pool = FeaturePool(cfg.pool if pooled_terms else "mean", cfg.embed_dim, cfg.num_heads)
         ctx = BuildContext(self.pool, distributed)
         built = {name: build(cfg, ctx) for name, build in TERMS.items()}
         self.terms = nn.ModuleDict({k: t for k, t in built.items() if t is not None})
