@@ -1,4 +1,11 @@
-"""Section 4, ``train_step``: images/s, FLOPs, MFU and peak memory of a full H-JEPA step."""
+"""Section 4, ``train_step``: images/s, FLOPs, MFU and peak memory of a full H-JEPA step.
+
+Also the predictor's two sequence layouts (``HierarchicalPredictor(mode=...)``), timed in one
+run with the same weights and masks: ``per_block`` (I-JEPA, the context once per target
+block) and ``shared_context`` (the context once per sample). Alone, from the repository root:
+
+    python benchmarks/bench_train_step.py --threads 1 --reps 7     # CIFAR preset, bf16 autocast
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from sizes import Results, Sizes
 from timing import (
     MB,
     bf16_autocast,
+    bf16_peak_tflops,
     matmul_gflops,
     median_ms,
     num_threads,
@@ -62,7 +70,14 @@ class TrainStep:
     not part of the step); the masks are sampled inside the step.
     """
 
-    def __init__(self, sizes: Sizes, device: torch.device, *, compile: bool = False) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        device: torch.device,
+        *,
+        compile: bool = False,
+        predictor_mode: str = "per_block",
+    ) -> None:
         torch.manual_seed(0)
         self.device = device
         self.batch = sizes.batch
@@ -75,6 +90,7 @@ class TrainStep:
             depth=sizes.pred_depth,
             num_heads=sizes.pred_heads,
             num_levels=sizes.levels,
+            mode=predictor_mode,
         ).to(device)
         self.masker = MultiBlockMasker(grid_size=grid, levels=sizes.levels)
         self.target = EMATarget(self.encoder, total_steps=1_000_000)
@@ -124,7 +140,7 @@ class TrainStep:
             )
             mark()
         preds = [p.float() for p in preds]
-        loss = self.criterion(preds, targets, [t.valid for t in masks.targets]).total
+        loss = self.criterion(preds, targets, [t.valid for t in masks.targets])
         mark()
         loss.backward()
         mark()
@@ -137,6 +153,115 @@ class TrainStep:
         if phases is not None:
             for name, t0, t1 in zip(PHASES, marks[:-1], marks[1:], strict=True):
                 phases.setdefault(name, []).append(t1 - t0)
+
+
+# Sequence layouts of HierarchicalPredictor compared by bench_predictor_modes; the first is
+# the baseline (today's default, I-JEPA).
+PREDICTOR_MODES = ("per_block", "shared_context")
+
+
+def bench_predictor_modes(
+    sizes: Sizes,
+    device: torch.device,
+    *,
+    threads: int,
+    warmup: int | None = None,
+    reps: int | None = None,
+) -> Results:
+    """Predictor and whole-step times of ``TrainStep`` in each ``PREDICTOR_MODES`` layout.
+
+    Both steps are built from the same seed (same weights, images and mask stream). Timed
+    calls alternate between the modes, so machine load hits both alike. The predictor is
+    timed on fixed inputs (one mask batch, context tokens from one encoder forward) under
+    bf16 autocast in training mode: forward alone, and forward + backward of a stand-in
+    loss (mean square of the predictions).
+
+    Keys, per mode ``m``: ``train_step.modes.{m}.{predictor_fwd_ms, predictor_fwd_bwd_ms,
+    step_ms, images_per_s}`` (medians) and ``train_step.modes.{m}.phase.{name}.ms``
+    (phases of the step, with extra syncs, separate steps); and the speed-ups of the second
+    mode over the first, ``train_step.modes.speedup.{predictor_fwd, predictor_fwd_bwd,
+    step}`` (ratios of the medians: > 1 is faster).
+    """
+    warmup = sizes.step_warmup if warmup is None else warmup
+    reps = sizes.step_reps if reps is None else reps
+    out: Results = {}
+    with num_threads(threads):
+        steps = {mode: TrainStep(sizes, device, predictor_mode=mode) for mode in PREDICTOR_MODES}
+        base = steps[PREDICTOR_MODES[0]]
+        masks = base.masker(sizes.batch, generator=torch.Generator(device=device).manual_seed(1))
+        with torch.no_grad(), bf16_autocast(device):
+            tokens = base.encoder(base.images, keep=masks.context).tokens
+
+        def predictor_fwd(step: TrainStep) -> list[torch.Tensor]:
+            with bf16_autocast(device):
+                return step.predictor(tokens, context_indices=masks.context, targets=masks.targets)
+
+        def predictor_fwd_bwd(step: TrainStep) -> None:
+            sum(p.float().square().mean() for p in predictor_fwd(step)).backward()
+            step.predictor.zero_grad(set_to_none=True)
+
+        calls: dict[str, Callable[[TrainStep], object]] = {
+            "predictor_fwd_ms": predictor_fwd,
+            "predictor_fwd_bwd_ms": predictor_fwd_bwd,
+            "step_ms": lambda step: step(),
+        }
+        for name, fn in calls.items():
+            times: dict[str, list[float]] = {mode: [] for mode in PREDICTOR_MODES}
+            for _ in range(warmup):
+                for mode in PREDICTOR_MODES:
+                    fn(steps[mode])
+            for _ in range(max(reps, 1)):
+                for mode in PREDICTOR_MODES:
+                    sync(device)
+                    start = time.perf_counter()
+                    fn(steps[mode])
+                    sync(device)
+                    times[mode].append(time.perf_counter() - start)
+            for mode in PREDICTOR_MODES:
+                out[f"train_step.modes.{mode}.{name}"] = median_ms(times[mode])
+        phases: dict[str, dict[str, list[float]]] = {mode: {} for mode in PREDICTOR_MODES}
+        for _ in range(max(2, reps // 2)):
+            for mode in PREDICTOR_MODES:
+                steps[mode](phases[mode])
+    for mode in PREDICTOR_MODES:
+        out[f"train_step.modes.{mode}.images_per_s"] = (
+            1e3 * sizes.batch / out[f"train_step.modes.{mode}.step_ms"]
+        )
+        for phase in PHASES:
+            out[f"train_step.modes.{mode}.phase.{phase}.ms"] = median_ms(phases[mode][phase])
+    old, new = PREDICTOR_MODES
+    for what in ("predictor_fwd", "predictor_fwd_bwd", "step"):
+        out[f"train_step.modes.speedup.{what}"] = (
+            out[f"train_step.modes.{old}.{what}_ms"] / out[f"train_step.modes.{new}.{what}_ms"]
+        )
+    return out
+
+
+def format_predictor_modes(r: Results, sizes: Sizes) -> list[str]:
+    """Lines of a small table of :func:`bench_predictor_modes`' results."""
+    lines = [
+        f"  predictor layouts, H-JEPA step at batch {sizes.batch}, {sizes.levels} levels, bf16 autocast "
+        "(ms, medians; same weights and masks, calls alternated)",
+        f"    {'mode':<16}{'pred fwd':>10}{'pred f+b':>10}{'step':>10}{'images/s':>10}",
+    ]
+    for mode in PREDICTOR_MODES:
+        k = f"train_step.modes.{mode}"
+        lines.append(
+            f"    {mode:<16}{r[k + '.predictor_fwd_ms']:>10.1f}{r[k + '.predictor_fwd_bwd_ms']:>10.1f}"
+            f"{r[k + '.step_ms']:>10.1f}{r[k + '.images_per_s']:>10.1f}"
+        )
+    sp = "train_step.modes.speedup"
+    lines.append(
+        f"    {PREDICTOR_MODES[1]} / {PREDICTOR_MODES[0]} speed-up: predictor fwd "
+        f"x{r[sp + '.predictor_fwd']:.2f}, fwd+bwd x{r[sp + '.predictor_fwd_bwd']:.2f}, "
+        f"step x{r[sp + '.step']:.2f} (images/s)"
+    )
+    for mode in PREDICTOR_MODES:
+        lines.append(
+            f"    phases of {mode} (ms): "
+            + ", ".join(f"{p} {r[f'train_step.modes.{mode}.phase.{p}.ms']:.1f}" for p in PHASES)
+        )
+    return lines
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -156,15 +281,22 @@ def bench_train_step(
     threads: int,
     compile: bool = True,
     compile_timeout_s: float | None = None,
+    modes: bool = True,
 ) -> Results:
     """Images/s, phase times, FLOPs, MFU and peak memory of ``TrainStep``.
+
+    With ``modes``, also the predictor layouts compared in one run
+    (:func:`bench_predictor_modes`, keys ``train_step.modes.*``).
 
     Keys: ``train_step.{images_per_s, ms, gflop_per_step, achieved_gflops,
     matmul_fp32_gflops, matmul_bf16_gflops, mfu, mfu_bf16, peak_mb, static_mb}``,
     ``train_step.phase.{name}.ms`` (median per phase, measured with extra syncs in separate
-    steps), and ``train_step.compile_{speedup, images_per_s, warmup_s, error}``. ``mfu``
-    is against the fp32 matmul rate on CPU and against the bf16 one on CUDA;
-    ``mfu_fp32`` and ``mfu_bf16`` name the rate explicitly.
+    steps), and ``train_step.compile_{speedup, images_per_s, warmup_s, error}``. The step
+    runs under bf16 autocast, so ``mfu`` is against the bf16 matmul rate measured in the
+    same run, on every device (``mfu_reference`` names it); ``mfu_fp32`` (bf16 work against
+    the fp32 rate: not a utilisation, it can exceed 1) is kept for comparison with older
+    runs. On CUDA ``mfu_peak`` is against the GPU's data-sheet dense bf16 peak
+    (``timing.bf16_peak_tflops``; ``None`` for an unknown GPU).
     """
     out: Results = {}
     with num_threads(threads):
@@ -190,10 +322,17 @@ def bench_train_step(
         achieved = out["train_step.achieved_gflops"]
         out["train_step.mfu_fp32"] = achieved / fp32
         out["train_step.mfu_bf16"] = achieved / bf16
-        out["train_step.mfu"] = achieved / (bf16 if device.type == "cuda" else fp32)
+        out["train_step.mfu"] = achieved / bf16  # the step's dtype: bf16 autocast
+        out["train_step.mfu_reference"] = f"bf16 matmul {n}x{n}x{n} measured in the same run"
+        if device.type == "cuda":
+            peak = bf16_peak_tflops(torch.cuda.get_device_name(device))
+            out["train_step.peak_bf16_tflops"] = peak
+            out["train_step.mfu_peak"] = achieved / (1e3 * peak) if peak else None
         out["train_step.peak_mb"] = peak_memory_mb(step, device)
         out["train_step.static_mb"] = step.static_mb()
         del step
+    if modes:
+        out.update(bench_predictor_modes(sizes, device, threads=threads))
     if compile:
         timeout = sizes.compile_timeout_s if compile_timeout_s is None else compile_timeout_s
         res = compiled_step_in_subprocess(sizes, device, threads=threads, timeout_s=timeout)
@@ -256,3 +395,32 @@ def compiled_step_in_subprocess(
             return {"error": f"torch.compile step failed: {tail[:500]}"}
         with open(result_path) as fh:
             return json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: the predictor-layout comparison alone (see the module docstring)."""
+    import argparse
+
+    from sizes import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="sizes (full: CIFAR preset)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per mode (default: preset)")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per mode (default: preset)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    sizes = PRESETS[args.preset]
+    res = bench_predictor_modes(
+        sizes, torch.device(args.device), threads=args.threads, warmup=args.warmup, reps=args.reps
+    )
+    print(f"{args.threads} thread(s), torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print("\n".join(format_predictor_modes(res, sizes)))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from bench_train_step import PHASES
+from bench_train_step import PHASES, format_predictor_modes
 from references import REF_IJEPA_MASKS_PER_S, TARGETS
 from sizes import Results, Sizes
 
@@ -27,6 +27,7 @@ def _fmt(v: object, digits: int = 3) -> str:
 def format_report(results: Results, sizes: Sizes, threads: int) -> str:
     """Human-readable tables of the results (both devices if present)."""
     formatters = {
+        "import": _format_import,
         "masker": _format_masker,
         "losses": _format_losses,
         "encoder": _format_encoder,
@@ -49,6 +50,15 @@ def format_report(results: Results, sizes: Sizes, threads: int) -> str:
                 lines += fmt(r, sizes)
         lines.append("")
     return "\n".join(lines)
+
+
+def _format_import(r: Results, sizes: Sizes) -> list[str]:
+    return [
+        f"\n== import: median of {r.get('import.reps')} fresh processes (start-up included) ==",
+        f"  import jepa_blocks {_fmt(r.get('import.jepa_blocks_s'))} s, import torch "
+        f"{_fmt(r.get('import.torch_s'))} s (ratio {_fmt(r.get('import.ratio'), 3)}), "
+        f"bare interpreter {_fmt(r.get('import.python_s'))} s",
+    ]
 
 
 def _format_masker(r: Results, sizes: Sizes) -> list[str]:
@@ -148,8 +158,15 @@ def _format_step(r: Results, sizes: Sizes) -> list[str]:
         f"{_fmt(r['train_step.achieved_gflops'])} GFLOP/s; matmul {r['train_step.matmul_n']}^3: "
         f"fp32 {_fmt(r['train_step.matmul_fp32_gflops'])}, bf16 "
         f"{_fmt(r['train_step.matmul_bf16_gflops'])} GFLOP/s",
-        f"  MFU {_fmt(r['train_step.mfu'], 2)}: vs fp32 matmul {_fmt(r['train_step.mfu_fp32'], 2)} "
-        f"(bf16 autocast can exceed 1), vs bf16 matmul {_fmt(r['train_step.mfu_bf16'], 2)}",
+        f"  MFU {_fmt(r['train_step.mfu'], 2)} against the {r.get('train_step.mfu_reference')} "
+        f"(the step runs in bf16 autocast)"
+        + (
+            f"; {_fmt(r['train_step.mfu_peak'], 2)} against the data-sheet bf16 peak "
+            f"{_fmt(r['train_step.peak_bf16_tflops'])} TFLOP/s"
+            if r.get("train_step.mfu_peak") is not None
+            else ""
+        )
+        + f"; bf16 work / fp32 matmul rate {_fmt(r['train_step.mfu_fp32'], 2)} (not a utilisation)",
         f"  peak {_fmt(r['train_step.peak_mb'])} MiB above the "
         f"{_fmt(r['train_step.static_mb'])} MiB of weights, grads, AdamW state and EMA copy",
     ]
@@ -162,4 +179,6 @@ def _format_step(r: Results, sizes: Sizes) -> list[str]:
                 f"speed-up x{_fmt(r['train_step.compile_speedup'], 3)} (warm-up incl. "
                 f"compilation {_fmt(r['train_step.compile_warmup_s'])} s)"
             )
+    if "train_step.modes.speedup.step" in r:
+        lines += format_predictor_modes(r, sizes)
     return lines

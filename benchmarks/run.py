@@ -9,6 +9,8 @@ Commands (from the repository root):
 
 Sections (JSON keys are flat, ``section.what.unit``; CUDA results carry a ``cuda.`` prefix):
 
+0. ``import``: wall time of ``import jepa_blocks`` and of ``import torch`` (medians over
+   fresh processes; run once, not per device).
 1. ``masker``: ``MultiBlockMasker`` (I-JEPA defaults) masks per second for a batch of 256 on
    an 8x8 and a 14x14 grid on one thread, and through a 2-worker DataLoader.
 2. ``losses``: forward + backward time and peak memory of ``SIGRegLoss`` and ``VICRegLoss``
@@ -50,6 +52,7 @@ import torch  # noqa: E402
 # The sections, helpers and presets are the modules beside this script.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_encoder import bench_encoder  # noqa: E402
+from bench_import import bench_import  # noqa: E402
 from bench_losses import bench_losses  # noqa: E402
 from bench_masker import bench_masker  # noqa: E402
 from bench_train_step import (  # noqa: E402
@@ -69,6 +72,7 @@ __all__ = [
     "SECTIONS",
     "Sizes",
     "bench_encoder",
+    "bench_import",
     "bench_losses",
     "bench_masker",
     "bench_train_step",
@@ -79,7 +83,8 @@ __all__ = [
     "run_section",
 ]
 
-SECTIONS = ("masker", "losses", "encoder", "train_step")
+SECTIONS = ("import", "masker", "losses", "encoder", "train_step")
+DEVICELESS = ("import",)  # sections run once, on no particular device
 
 
 def run_section(
@@ -92,6 +97,8 @@ def run_section(
     compile_timeout_s: float | None = None,
 ) -> Results:
     """Run one section; keys are prefixed with ``cuda.`` on a CUDA device."""
+    if name == "import":
+        return bench_import(sizes)
     if name == "masker":
         res = bench_masker(sizes, device, threads=threads)
     elif name == "losses":
@@ -196,8 +203,10 @@ def main(argv: list[str] | None = None) -> Results:
             flush=True,
         )
     start = time.perf_counter()
-    for device in devices:
+    for i, device in enumerate(devices):
         for name in names:
+            if name in DEVICELESS and i > 0:
+                continue
             t0 = time.perf_counter()
             try:
                 res = run_section(

@@ -12,6 +12,8 @@ class Sizes:
     """Problem sizes and repetition counts of one benchmark run."""
 
     name: str = "full"
+    # import time: fresh processes per statement
+    import_reps: int = 5
     # masker
     masker_batch: int = 256
     masker_grids: tuple[int, ...] = (8, 14)
@@ -58,6 +60,7 @@ PRESETS: dict[str, Sizes] = {
     "full": Sizes(),
     "quick": Sizes(
         name="quick",
+        import_reps=3,
         masker_reps=30,
         collate_batches=8,
         loss_dims=(192, 2048),
@@ -76,6 +79,7 @@ PRESETS: dict[str, Sizes] = {
     # For the tests: every code path, tiny tensors.
     "tiny": Sizes(
         name="tiny",
+        import_reps=1,
         masker_batch=8,
         masker_warmup=1,
         masker_reps=2,

@@ -122,6 +122,30 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, reps: int) -
     return 2.0 * n**3 / statistics.median(times) / 1e9
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets,
+# matched in this order as substrings of ``torch.cuda.get_device_name()`` (so "H100 PCIe"
+# before "H100", "L40S" and "L40" before "L4").
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),  # also GH200
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """Data-sheet dense bf16 peak (TFLOP/s) of a GPU by name, ``None`` if not in the table."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
 def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to bfloat16 on ``device``'s type."""
     return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -19,10 +19,11 @@ import os
 from collections.abc import Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's ImageNet statistics, under the names the example scripts import.
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class TensorImages(Dataset):
@@ -37,7 +38,7 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from torchvision.transforms.functional import to_pil_image
+        from torchvision.transforms.v2.functional import to_pil_image
 
         img = to_pil_image(self.images[i])
         return (self.transform(img) if self.transform else img), int(self.labels[i])
@@ -76,7 +77,16 @@ def load_dataset(source: str | None, *, root: str = "data", train: bool = True, 
 
 
 def stratified_split(labels: Sequence[int], *, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices of a stratified ``(train, val)`` split: ``val_fraction`` of every class."""
+    """Indices of a stratified ``(train, val)`` split: ``val_fraction`` of every class.
+
+    Each class, in sorted label order, is shuffled by one ``torch.Generator`` seeded with
+    ``seed`` and gives ``round(n_class * val_fraction)`` images to validation. Kept rather
+    than scikit-learn's ``train_test_split(stratify=...)`` on purpose: scikit-learn draws
+    other indices (and sizes the classes by a global rounding), so it would change the
+    split that every recorded result (benchmarks/RESULTS.md, the training guide) was
+    measured on, and it refuses ``val_fraction=0``. Both give every class the same share
+    to within one image (tested).
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     g = torch.Generator().manual_seed(seed)
@@ -106,7 +116,7 @@ class WithTransform(Dataset):
     def __getitem__(self, i: int):
         img, label = self.base[i]
         if not hasattr(img, "convert"):
-            from torchvision.transforms.functional import to_pil_image
+            from torchvision.transforms.v2.functional import to_pil_image
 
             img = to_pil_image(img)
         return self.transform(img.convert("RGB")), label
@@ -122,6 +132,21 @@ class MultiView:
         return torch.stack([self.transform(img) for _ in range(self.views)])
 
 
+def _unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` -> float32 in [0, 1] by division by 255.
+
+    ``v2.ToDtype(torch.float32, scale=True)`` multiplies by ``1 / 255`` instead, which moves
+    126 of the 256 grey levels by one float32 ulp: runs would no longer match the recorded
+    ones bit for bit, so the division of v1's ``ToTensor`` is kept.
+    """
+    return image.to(torch.float32).div(255)
+
+
+def _to_normalised_tensor(v2) -> list:
+    """PIL image -> plain float tensor ``(C, H, W)``, normalised with ImageNet statistics."""
+    return [v2.PILToTensor(), v2.Lambda(_unit_float), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
                        views: int = 1, color_jitter: float = 0.0, grayscale: float = 0.0):
     """Random resized crop and horizontal flip, optionally colour jitter and grayscale.
@@ -129,29 +154,28 @@ def pretrain_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.3,
     ``color_jitter = s > 0`` applies brightness, contrast and saturation jitter of strength
     ``s`` and hue jitter ``s / 4`` with probability 0.8 (SimCLR's recipe at ``s = 0.4``);
     ``grayscale`` is the probability of a grayscale view. With ``views > 1`` each image
-    yields that many independent views, stacked.
+    yields that many independent views, stacked. torchvision ``transforms.v2`` on a PIL
+    image; the output is a plain float tensor ``(C, img_size, img_size)`` (``(views, C,
+    img_size, img_size)`` with ``views > 1``).
     """
-    from torchvision import transforms as T
+    from torchvision.transforms import v2
 
-    ops = [T.RandomResizedCrop(img_size, scale=crop_scale, antialias=True)]
+    ops = [v2.RandomResizedCrop(img_size, scale=crop_scale, antialias=True)]
     if flip:
-        ops.append(T.RandomHorizontalFlip())
+        ops.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:
-        ops.append(T.RandomApply([T.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8))
+        ops.append(v2.RandomApply([v2.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)], p=0.8))
     if grayscale > 0:
-        ops.append(T.RandomGrayscale(p=grayscale))
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    transform = T.Compose(ops)
+        ops.append(v2.RandomGrayscale(p=grayscale))
+    transform = v2.Compose(ops + _to_normalised_tensor(v2))
     return MultiView(transform, views) if views > 1 else transform
 
 
 def eval_transform(img_size: int):
-    """Resize (no crop) and normalise, for feature extraction."""
-    from torchvision import transforms as T
+    """Resize (no crop) and normalise, for feature extraction: a float tensor ``(C, img_size, img_size)``."""
+    from torchvision.transforms import v2
 
-    return T.Compose(
-        [T.Resize((img_size, img_size), antialias=True), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return v2.Compose([v2.Resize((img_size, img_size), antialias=True), *_to_normalised_tensor(v2)])
 
 
 def split_datasets(source: str | None, *, val_fraction: float, seed: int, img_size: int, root: str = "data",

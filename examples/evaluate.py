@@ -60,7 +60,7 @@ from data import (  # noqa: E402
 )
 from runtime import pooled_features  # noqa: E402
 
-from jepa_blocks import EMATarget, ViTEncoder  # noqa: E402
+from jepa_blocks import ViTEncoder  # noqa: E402
 from jepa_blocks.evaluation import (  # noqa: E402
     collapse_stats,
     few_shot_accuracy,
@@ -112,16 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_encoder(cfg: dict, ckpt: dict | None, which: str) -> ViTEncoder:
     """The encoder of a training config, with trained weights unless ``ckpt`` is None."""
-    encoder = ViTEncoder(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-                         depth=cfg["depth"], num_heads=cfg["num_heads"], pos_embed=cfg["pos_embed"])
-    if ckpt is not None:
-        if which == "target":
-            ema = EMATarget(encoder, total_steps=1)
-            ema.load_state_dict(ckpt["target"])
-            encoder = ema.module
-        else:
-            encoder.load_state_dict(ckpt["encoder"])
-    return encoder.eval()
+    return ViTEncoder.from_checkpoint({**(ckpt or {}), "config": cfg}, weights=ckpt is not None,
+                                      which="target" if which == "target" else "online")
 
 
 def datasets(args, cfg: dict, train_transform=None):

@@ -40,12 +40,12 @@ def main(steps: int = 5, batch_size: int = 16) -> list[float]:
         targets = hierarchical_targets(full, grid_size=8, targets=masks.targets)
         context = encoder(images, keep=masks.context).tokens  # (B, Kc, 192)
         preds = predictor(context, context_indices=masks.context, targets=masks.targets)
-        loss, terms = criterion(preds, targets, [t.valid for t in masks.targets])
+        loss = criterion(preds, targets, [t.valid for t in masks.targets])  # a Tensor
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         target.update(encoder)
-        levels = " ".join(f"{k}={v.item():.4f}" for k, v in terms.items())
+        levels = " ".join(f"{k}={v.item():.4f}" for k, v in criterion.last_terms.items())
         print(f"step {step}: loss {loss.item():.4f} ({levels}), momentum {target.momentum:.4f}")
         losses.append(loss.item())
     return losses

@@ -26,6 +26,7 @@ from jepa_blocks.evaluation import (
     linear_probe,
     pool_tokens,
 )
+from jepa_blocks.training import ResumableSampler, sample_seed
 
 # -----------------------------------------------------------------------------
 # Devices and processes
@@ -85,11 +86,57 @@ def average_gradients(module: torch.nn.Module, world: int) -> None:
                 p.grad.div_(world)
 
 
+class MicroBatchSampler(ResumableSampler):
+    """:class:`ResumableSampler` whose local batch follows the global batch's micro-batch order.
+
+    Each global batch of ``B`` samples is cut into ``micro_batches`` consecutive micro-batches
+    of ``B / micro_batches`` samples, and rank ``r`` of ``W`` takes the ``r``-th contiguous
+    share of each, micro-batch after micro-batch. So micro-batch ``m`` of every rank together
+    holds global rows ``[m * B / M, (m + 1) * B / M)`` whatever ``W``: with gradient
+    accumulation the losses computed on the global micro-batch (the latent loss's token
+    mean, the regularisers' gathers) see the same samples on one process and on ``W``.
+    With ``micro_batches=1`` it is ``ResumableSampler``.
+    """
+
+    def __init__(self, data_source, *, micro_batches: int, **kwargs) -> None:
+        super().__init__(data_source, **kwargs)
+        if micro_batches < 1 or self.global_batch_size % (micro_batches * self.world_size):
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
+                             f"{self.world_size} ranks x {micro_batches} micro-batches")
+        self.micro_batches = micro_batches
+
+    def micro_rows(self, m: int) -> slice:
+        """Global-batch rows of this rank's part of micro-batch ``m``."""
+        per_micro = self.global_batch_size // self.micro_batches
+        share = per_micro // self.world_size
+        return slice(m * per_micro + self.rank * share, m * per_micro + (self.rank + 1) * share)
+
+    def __iter__(self):
+        order = self._order()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            for m in range(self.micro_batches):
+                rows = self.micro_rows(m)
+                for index in order[b * self.global_batch_size + rows.start: b * self.global_batch_size + rows.stop]:
+                    yield index, sample_seed(self.seed, self.epoch, index)
+
+
+def row_seeds(seed: int, rows: slice, device: torch.device) -> torch.Tensor:
+    """Per-sample seeds ``(len(rows),)`` int64 of global-batch rows, for the drop-path draws:
+    a function of the step's ``(seed, epoch, batch)`` seed and the row, not of the rank."""
+    return torch.tensor([sample_seed(seed, 0x64726F70, i) for i in range(rows.start, rows.stop)],
+                        dtype=torch.int64, device=device)
+
+
 def no_sync(*models, skip: bool) -> contextlib.ExitStack:
-    """DDP's ``no_sync`` of every model while ``skip`` (micro-batches before the last)."""
+    """No gradient sync of every model while ``skip`` (micro-batches before the last): DDP's
+    ``no_sync``, or FSDP2's ``set_requires_gradient_sync(False)`` (restored on exit)."""
     stack = contextlib.ExitStack()
     for model in models if skip else ():
-        stack.enter_context(model.no_sync())
+        if hasattr(model, "set_requires_gradient_sync"):  # torch.distributed.fsdp.FSDPModule
+            model.set_requires_gradient_sync(False)
+            stack.callback(model.set_requires_gradient_sync, True)
+        else:
+            stack.enter_context(model.no_sync())
     return stack
 
 
@@ -171,26 +218,53 @@ class TimeBudget:
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard scalars and progress output of the master process.
+    """metrics.jsonl, TensorBoard / CSV / wandb scalars and progress output of the master process.
+
+    ``log_to`` (``--log-to``) picks the sinks beside metrics.jsonl, comma-separated:
+    ``tensorboard`` (RUN/tb), ``csv`` (RUN/metrics.csv, one ``step,group,name,value`` row
+    per scalar, appended across resumes), ``wandb`` (imported only then; offline into
+    RUN/wandb unless ``WANDB_MODE`` says otherwise; ``WANDB_PROJECT`` names the project),
+    or ``none``.
 
     On a terminal a tqdm bar shows progress (over the budget's seconds when there is a time
     budget, so the ETA is right from the first step); otherwise (nohup, SLURM) a plain line
     is printed every ``print_every`` steps.
     """
 
+    SINKS = ("tensorboard", "csv", "wandb")
+
     def __init__(self, out: str, *, enabled: bool, total_steps: int, step: int, budget: TimeBudget,
-                 print_every: int) -> None:
+                 print_every: int, log_to: str = "tensorboard", config: dict | None = None) -> None:
+        sinks = [s.strip() for s in log_to.split(",") if s.strip() and s.strip() != "none"]
+        bad = [s for s in sinks if s not in self.SINKS]
+        if bad:
+            raise ValueError(f"--log-to must be 'none' or comma-separated names from {', '.join(self.SINKS)}; "
+                             f"got {log_to!r} (unknown: {', '.join(bad)})")
         self.enabled, self.budget, self.print_every = enabled, budget, print_every
         self.path = os.path.join(out, "metrics.jsonl")
-        self.writer = self.bar = None
+        self.writer = self.bar = self.csv = self.wandb = None
         self.t_last, self.images = time.perf_counter(), 0
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(out, "tb"))
-        except ImportError:
-            print("tensorboard not installed: skipping TensorBoard scalars")
+        if "tensorboard" in sinks:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(out, "tb"))
+            except ImportError:
+                print("tensorboard not installed: skipping TensorBoard scalars")
+        if "csv" in sinks:  # long format (one scalar a row), appended across resumes
+            path = os.path.join(out, "metrics.csv")
+            new = not os.path.exists(path) or os.path.getsize(path) == 0
+            self.csv = open(path, "a", newline="")
+            if new:
+                self.csv.write("step,group,name,value\n")
+        if "wandb" in sinks:  # imported only when asked; offline unless WANDB_MODE says otherwise
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("--log-to wandb needs the wandb package: pip install wandb") from err
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "jepa-blocks"), dir=out,
+                                    mode=os.environ.get("WANDB_MODE", "offline"), config=config)
         if sys.stderr.isatty():
             from tqdm import tqdm
             if budget.enabled:
@@ -204,10 +278,16 @@ class RunLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
         if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self.csv is not None:
+            self.csv.writelines(f"{record['step']},{prefix},{k},{v!r}\n" for k, v in scalars.items())
+            self.csv.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=record["step"])
 
     def train_step(self, step: int, total: int, images: int, record: dict | None) -> None:
         """Count one optimizer step of ``images`` images; ``record`` (or None) is logged."""
@@ -246,6 +326,10 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.csv is not None:
+            self.csv.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +358,9 @@ def feature_fn(encoder, *, levels: int = 0):
 def pooled_features(encoder, loaders, device, *, levels: int = 0) -> list[torch.Tensor]:
     """:func:`feature_fn` features and labels of each loader: ``[x0, y0, x1, y1, ...]``.
 
-    Runs ``encoder`` in eval mode and restores its previous mode afterwards.
+    Runs ``encoder`` in eval mode and restores its previous mode afterwards. An FSDP2 root
+    (``--fsdp``: every rank calls this) is resharded afterwards: a forward without backward
+    leaves its parameters gathered.
     """
     was_training = encoder.training
     encoder.eval()
@@ -283,6 +369,8 @@ def pooled_features(encoder, loaders, device, *, levels: int = 0) -> list[torch.
         return [t for loader in loaders for t in extract_features(embed, loader, device=device)]
     finally:
         encoder.train(was_training)
+        if hasattr(encoder, "reshard"):  # torch.distributed.fsdp.FSDPModule
+            encoder.reshard()
 
 
 def validation_knn(encoder, loaders, device) -> dict[str, float]:

@@ -164,7 +164,7 @@ class PooledRegulariser(nn.Module):
         super().__init__()
         self.kind, self.weight, self.pool = kind, weight, pool
         self.loss = {
-            "sigreg": lambda: SIGRegLoss(num_directions=256, gather_distributed=distributed),
+            "sigreg": lambda: SIGRegLoss(num_directions=256, gather_distributed=distributed, auto_step=False),
             "vicreg": lambda: VICRegLoss(gather_distributed=distributed),
             "ntxent": lambda: NTXentLoss(temperature=0.1, gather_distributed=distributed),  # C-JEPA-style
             "infonce": lambda: InfoNCELoss(gather_distributed=distributed),  # temperature in [0.05, 0.2]
@@ -179,11 +179,14 @@ class PooledRegulariser(nn.Module):
             view = 1 if batch.images.shape[1] > 1 else 0
             with torch.no_grad():
                 other = self.pool(batch.target_of_view(view), target=True)
-            out = self.loss(pooled, other)
-            value = out.total if isinstance(out, LossOutput) else out
-            if isinstance(out, LossOutput) and "temperature" in out.terms:
-                logs["temperature"] = out.terms["temperature"].detach()
+            value = self.loss(pooled, other)
+            if "temperature" in self.loss.last_terms:
+                logs["temperature"] = self.loss.last_terms["temperature"]
         return LossOutput(self.weight * value, {"reg": value.detach(), **logs})
+
+    def after_step(self, momentum: float) -> None:
+        if self.kind == "sigreg":
+            self.loss.advance()  # new SIGReg directions once per optimizer step
 
 
 class CodebookTerm(nn.Module):
@@ -243,7 +246,8 @@ class LocalCrops(nn.Module):
             ctx = batch.encoder(crops, keep=masks.context)
             preds = batch.predictor(ctx.tokens, context_indices=masks.context, targets=masks.targets,
                                     grid_size=ctx.grid_size, num_levels=self.levels)
-        loss, _ = batch.latent_loss([p.float() for p in preds], targets, [t.valid for t in masks.targets])
+        loss, _ = batch.latent_loss([p.float() for p in preds], targets, [t.valid for t in masks.targets],
+                                    return_terms=True)
         return LossOutput(self.weight * loss, {"local": loss.detach()})
 
 
@@ -263,7 +267,7 @@ class ViewInvariance(nn.Module):
         self.pool, self.weight = pool, cfg.reg_weight or 1.0
         self.projector = MLPProjector(in_dim=cfg.embed_dim, hidden_dims=cfg.proj_dims[:-1], out_dim=cfg.proj_dims[-1],
                                       distributed=distributed)
-        self.loss = LeJEPALoss(lam=cfg.lejepa_lambda, seed=cfg.seed, gather_distributed=distributed)
+        self.loss = LeJEPALoss(lam=cfg.lejepa_lambda, seed=cfg.seed, gather_distributed=distributed, auto_step=False)
 
     def forward(self, batch: StepBatch) -> LossOutput:
         b, v = batch.images.shape[:2]
@@ -273,9 +277,12 @@ class ViewInvariance(nn.Module):
                 rest = batch.encoder(batch.images[:, batch.jepa_views:].flatten(0, 1)).tokens
             pooled += list(self.pool(rest).unflatten(0, (b, v - batch.jepa_views)).unbind(1))
         z = self.projector(torch.cat(pooled)).unflatten(0, (v, b))  # (V, B, P)
-        out = self.loss(z)
+        out = self.loss(z, return_terms=True)
         return LossOutput(self.weight * out.total, {"reg": out.total.detach(),
                                                     **{k: t.detach() for k, t in out.terms.items()}})
+
+    def after_step(self, momentum: float) -> None:
+        self.loss.sigreg.advance()  # new SIGReg directions once per optimizer step
 
 
 # -----------------------------------------------------------------------------

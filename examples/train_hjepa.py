@@ -27,10 +27,12 @@ step whose loss or gradients are NaN/Inf is skipped (no optimizer or EMA update)
 the run stops after --nonfinite-patience such steps in a row.
 
 Reproducibility: every random draw is a function of (seed, epoch, batch): the data order
-(ResumableSampler), each sample's augmentation (SeededDataset), the masks, the terms' draws
-and the dropout / drop-path stream, reseeded every step. A run resumed from RUN/last.pt
-continues exactly as if it had never stopped, and W processes with the global batch B take
-the same steps as one process with batch B (up to float summation order). Both are tested.
+(ResumableSampler, micro-batches in global-batch order), each sample's augmentation
+(SeededDataset), the masks, the terms' draws and each sample's drop-path draws (seeded by its
+row in the global batch, not by the rank). A run resumed from RUN/last.pt continues exactly
+as if it had never stopped, and W processes with the global batch B take the same steps as
+one process with batch B (up to float summation order), with any --accum-steps and
+--drop-path. Both are tested.
 Not covered: time-budget runs, whose step count depends on the wall clock.
 
 Writes RUN/last.pt, RUN/best-*.pt (by validation kNN top-1), RUN/metrics.jsonl,
@@ -48,12 +50,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import split_datasets  # noqa: E402
+from fsdp import CheckpointIO, clip_gradients, wrap_models  # noqa: E402
 from runtime import (  # noqa: E402
+    MicroBatchSampler,
     RunLog,
     TimeBudget,
     autocast_dtype,
@@ -62,6 +65,7 @@ from runtime import (  # noqa: E402
     format_result,
     no_sync,
     pixel_baseline,
+    row_seeds,
     set_schedule_length,
     setup_distributed,
     validation_knn,
@@ -78,16 +82,15 @@ from jepa_blocks import (  # noqa: E402
     value_checks,
 )
 from jepa_blocks.distributed import unwrap_module  # noqa: E402
+from jepa_blocks.layers import sample_seeded_drop_path  # noqa: E402
 from jepa_blocks.training import (  # noqa: E402
     BestCheckpoints,
     NonFiniteGuard,
     OptimizerScheduler,
-    ResumableSampler,
     SeededDataset,
-    load_checkpoint,
+    load_latest_good,
     param_groups_for_weight_decay,
     sample_seed,
-    save_checkpoint,
 )
 
 # -----------------------------------------------------------------------------
@@ -123,6 +126,7 @@ class Config:
     download: bool = opt(False, "download a torchvision data set (needs internet)")
     out: str = opt("runs/hjepa", "run folder")
     resume: bool = opt(False, "continue from OUT/last.pt")
+    resume_fallback: bool = opt(False, "with --resume: if OUT/last.pt is damaged, use the newest good kept checkpoint")
     # model
     img_size: int = opt(32, "image side in pixels")
     patch_size: int = opt(4, "patch side in pixels")
@@ -133,6 +137,8 @@ class Config:
     pred_dim: int = opt(96, "predictor width")
     pred_depth: int = opt(3, "predictor blocks")
     pred_heads: int = opt(3, "predictor attention heads")
+    predictor_mode: str = opt("per_block", "predictor layout: context once per target block (I-JEPA) or once "
+                              "per sample", ("per_block", "shared_context"))
     drop_path: float = opt(0.0, "stochastic depth of the context encoder")
     levels: int = opt(3, "hierarchy levels predicted")
     level_weights: tuple[float, ...] = opt((1.0, 0.7, 0.5), "latent loss weight per level")
@@ -184,6 +190,7 @@ class Config:
     workers: int = opt(2, "data loader workers")
     val_fraction: float = opt(0.2, "held-out fraction of a folder (stratified)")
     log_every: int = opt(10, "steps between metrics.jsonl records")
+    log_to: str = opt("tensorboard", "also log to: comma-separated tensorboard,csv,wandb (wandb offline unless WANDB_MODE), or none")
     print_every: int = opt(50, "steps between plain progress lines when not on a terminal")
     eval_every: int = opt(0, "steps between validation kNN (0: every 5 epochs)")
     monitor_every: int = opt(100, "steps between collapse diagnostics (0: never)")
@@ -192,6 +199,8 @@ class Config:
     stop_at: int = opt(0, "stop after this many steps, schedules unchanged (an interruption)")
     final_eval: bool = opt(True, "kNN + linear probe of the target encoder at the end")
     compile: bool = opt(False, "torch.compile the encoder and predictor")
+    fsdp: bool = opt(False, "under torchrun: shard encoder, predictor and EMA target with FSDP2 (fully_shard); "
+                            "checkpoints as a torch.distributed.checkpoint folder OUT/last.dcp")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -237,6 +246,7 @@ def build_models(cfg: Config, device: torch.device):
     grid = encoder.default_grid
     predictor = HierarchicalPredictor(grid_size=grid, embed_dim=cfg.embed_dim, predictor_dim=cfg.pred_dim,
                                       depth=cfg.pred_depth, num_heads=cfg.pred_heads, num_levels=cfg.levels,
+                                      mode=cfg.predictor_mode,
                                       pos_embed=cfg.pos_embed).to(device)
     masker = MultiBlockMasker(grid_size=grid, num_targets=cfg.num_targets, target_scale=cfg.target_scale,
                               context_scale=cfg.context_scale, levels=cfg.levels)
@@ -252,8 +262,8 @@ def build_data(cfg: Config, rank: int, world: int, master: bool):
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of {world} ranks x "
                          f"{cfg.accum_steps} accumulation steps")
-    sampler = ResumableSampler(pretrain_set, global_batch_size=cfg.batch_size, rank=rank, world_size=world,
-                               seed=cfg.seed)
+    sampler = MicroBatchSampler(pretrain_set, global_batch_size=cfg.batch_size, rank=rank, world_size=world,
+                                seed=cfg.seed, micro_batches=cfg.accum_steps)
     loader = DataLoader(SeededDataset(pretrain_set), batch_size=sampler.local_batch_size, sampler=sampler,
                         drop_last=True, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
@@ -290,19 +300,23 @@ def main(argv: list[str] | None = None) -> dict:
     terms = TermSet(cfg, distributed=world > 1).to(device)
     criterion = LatentPredictionLoss(loss_type=cfg.loss, level_weights=cfg.level_weights[: cfg.levels],
                                      gather_distributed=world > 1)
-    optimizer, scheduler = build_optimizer(cfg, (encoder, predictor, terms), total_steps)
+    # DDP-wrapped, or FSDP2-sharded with --fsdp (fsdp.py); the EMA target copied first, sharded alike.
+    target = EMATarget(encoder, total_steps=total_steps, momentum=(cfg.ema_start, cfg.ema_end))
+    encoder, predictor = wrap_models(cfg, encoder, predictor, target, world)
+    optimizer, scheduler = build_optimizer(cfg, (unwrap_module(encoder), unwrap_module(predictor), terms),
+                                           total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     guard = NonFiniteGuard(patience=cfg.nonfinite_patience)
-    if world > 1:
-        encoder, predictor = DDP(encoder), DDP(predictor)
-    target = EMATarget(encoder, total_steps=total_steps, momentum=(cfg.ema_start, cfg.ema_end))  # unwraps DDP
+    ckpt_io = CheckpointIO(cfg, master=master, encoder=encoder, predictor=predictor, target=target, terms=terms,
+                           optimizer=optimizer)
     step_encoder, step_predictor = (torch.compile(encoder), torch.compile(predictor)) if cfg.compile \
         else (encoder, predictor)
-    best = BestCheckpoints(cfg.out, keep=cfg.keep_best, mode="max", metric_name="knn_top1") if master else None
+    best = BestCheckpoints(cfg.out, keep=cfg.keep_best, mode="max", metric_name="knn_top1") \
+        if master and not cfg.fsdp else None
 
     def training_state() -> dict:
         return {"encoder": unwrap_module(encoder).state_dict(), "predictor": unwrap_module(predictor).state_dict(),
-                "target": target.state_dict(), "terms": terms.state_dict(), "optimizer": optimizer.state_dict(),
+                "target": target.state_dict(), "terms": terms.state_dict(), "optimizer": ckpt_io.optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "guard": guard.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "trained_s": budget.elapsed(),
                 "total_steps": scheduler.total_steps, "config": dataclasses.asdict(cfg)}
@@ -310,11 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Resume: weights, EMA, terms, optimiser, schedules, guard and loop position (the RNG
     #    streams are re-derived from (seed, epoch, batch), so nothing else is needed).
     step, epoch, batch_in_epoch, trained_s = 0, 0, 0, 0.0
-    last_path = os.path.join(cfg.out, "last.pt")
-    if cfg.resume and os.path.exists(last_path):
-        ckpt = load_checkpoint(last_path, map_location=device)
+    last_path = ckpt_io.last_path
+    ckpt = None
+    if cfg.resume and cfg.resume_fallback:  # last.pt, last.pt.prev, best-*.pt newest first
+        ckpt = load_latest_good(cfg.out, map_location=device)
+    elif cfg.resume and os.path.exists(last_path):
+        ckpt = ckpt_io.load(last_path, map_location=device)
+    if ckpt is not None:
         for module, key in ((unwrap_module(encoder), "encoder"), (unwrap_module(predictor), "predictor"),
-                            (target, "target"), (terms, "terms"), (optimizer, "optimizer"), (scaler, "scaler"),
+                            (target, "target"), (terms, "terms"), (ckpt_io.optimizer, "optimizer"), (scaler, "scaler"),
                             (guard, "guard")):
             module.load_state_dict(ckpt[key])
         step, epoch, batch_in_epoch, trained_s = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["trained_s"]
@@ -323,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_schedule_length(total_steps, scheduler, target)
         scheduler.load_state_dict(ckpt["scheduler"])
         if master:
-            print(f"resumed from {last_path} at step {step} (epoch {epoch})")
+            print(f"resumed from {ckpt.path} at step {step} (epoch {epoch})")
     elif master:
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
             json.dump(dataclasses.asdict(cfg), fh, indent=2)
@@ -331,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                         cap=min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs),
                         spent_s=trained_s)
     log = RunLog(cfg.out, enabled=master, total_steps=total_steps, step=step, budget=budget,
-                 print_every=cfg.print_every)
+                 print_every=cfg.print_every, log_to=cfg.log_to, config=dataclasses.asdict(cfg))
     eval_every = cfg.eval_every or 5 * steps_per_epoch
     autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     micro = local_batch // cfg.accum_steps
@@ -350,13 +368,16 @@ def main(argv: list[str] | None = None) -> dict:
                 images = images if images.ndim == 5 else images[:, None]  # (B, V, C, H, W)
                 gen = torch.Generator().manual_seed(sample_seed(cfg.seed, epoch, batch_in_epoch, 0x6D61736B))
                 masks = masker(cfg.batch_size * vj, generator=gen).to(device)
-                torch.manual_seed(sample_seed(cfg.seed, epoch, batch_in_epoch, rank))  # dropout / drop-path
+                torch.manual_seed(sample_seed(cfg.seed, epoch, batch_in_epoch, rank))  # any global-RNG draw
                 losses = []
                 for m in range(cfg.accum_steps):
-                    rows = slice(rank * local_batch + m * micro, rank * local_batch + (m + 1) * micro)
+                    # Micro-batch m holds the same global rows on any number of ranks (the
+                    # sampler's order); drop-path draws per sample from (seed, epoch, batch, row).
+                    rows = sampler.micro_rows(m)
                     mb_masks = masks.rows(rows.start * vj, rows.stop * vj)
                     x = images[m * micro:(m + 1) * micro]
-                    with no_sync(encoder, predictor, skip=world > 1 and m < cfg.accum_steps - 1):
+                    with no_sync(encoder, predictor, skip=world > 1 and m < cfg.accum_steps - 1), \
+                            sample_seeded_drop_path(encoder, row_seeds(seed, rows, device)):
                         # 3.2 Forward: EMA targets on every patch, context encoder + predictor on the rest.
                         jepa_images = x[:, :vj].flatten(0, 1)
                         with autocast():
@@ -368,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
                             preds = step_predictor(ctx.tokens, context_indices=mb_masks.context,
                                                    targets=mb_masks.targets, grid_size=ctx.grid_size)
                         # 3.3 Loss: latent prediction plus the optional terms.
-                        loss, logs = criterion([p.float() for p in preds], targets, [t.valid for t in mb_masks.targets])
+                        loss, logs = criterion([p.float() for p in preds], targets, [t.valid for t in mb_masks.targets],
+                                               return_terms=True)
                         batch = StepBatch(images=x, context=ctx, target=full, encoder=step_encoder,
                                           predictor=step_predictor, target_encoder=target, latent_loss=criterion,
                                           autocast=autocast, rows=rows, global_batch=cfg.batch_size, seed=seed,
@@ -386,8 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
                 average_gradients(terms, world)
                 sched = scheduler.current()
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                           cfg.clip_grad)
+                grad_norm = clip_gradients([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
                 if not guard.check(loss, *(() if scaler.is_enabled() else (grad_norm,)), step=step + 1):
                     optimizer.zero_grad(set_to_none=True)
                     scaler.update()
@@ -422,14 +443,15 @@ def main(argv: list[str] | None = None) -> dict:
                 log.train_step(step, total_steps, local_batch * world, record)
                 if cfg.monitor_every and step % cfg.monitor_every == 0:
                     log.monitor(step, full.tokens)
-                # 3.8 Evaluate (online encoder) and checkpoint.
-                if master and (step % eval_every == 0 or step >= total_steps):
+                # 3.8 Evaluate (online encoder) and checkpoint (rank 0; every rank under FSDP).
+                if ckpt_io.writes and (step % eval_every == 0 or step >= total_steps):
                     val = validation_knn(unwrap_module(encoder), eval_loaders, device)
                     log.write({"step": step, "val": True, "encoder": "context", "time_min": budget.elapsed() / 60,
                                **val}, prefix="val")
                     state = training_state()
-                    save_checkpoint(last_path, state)
-                    best.update(step, val["knn_top1"], state)
+                    ckpt_io.save(last_path, state)
+                    if best is not None:
+                        best.update(step, val["knn_top1"], state)
                 # 3.9 Stop at the end of the schedule, the budget or --stop-at (all ranks together).
                 spent = budget.spent()
                 if world > 1:
@@ -441,23 +463,24 @@ def main(argv: list[str] | None = None) -> dict:
                     break
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
-    if master:
-        save_checkpoint(last_path, training_state())
+    if ckpt_io.writes:
+        ckpt_io.save(last_path, training_state())
     log.close()
 
     # 4. Final evaluation on the held-out split: the EMA target and the online encoder, beside
     #    the same encoder at its initial weights and the raw pixels.
     result: dict = {"steps": step, "train_minutes": budget.elapsed() / 60}
-    if master and cfg.final_eval:
+    if ckpt_io.writes and cfg.final_eval:  # every rank under FSDP (a forward is a collective)
         torch.manual_seed(cfg.seed)
         random_init = build_models(cfg, device)[0]
         result.update(evaluate_encoder(target.module, eval_loaders, device))
         result["online"] = evaluate_encoder(unwrap_module(encoder), eval_loaders, device)
         result["random_init"] = evaluate_encoder(random_init, eval_loaders, device)
         result["raw_pixels"] = pixel_baseline(eval_loaders)
-        with open(os.path.join(cfg.out, "eval.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(format_result(result))
+        if master:
+            with open(os.path.join(cfg.out, "eval.json"), "w") as fh:
+                json.dump(result, fh, indent=2)
+            print(format_result(result))
     if owns_group:
         dist.destroy_process_group()
     return result

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,7 +34,7 @@ from torch import nn
 
 from jepa_blocks import value_checks
 from jepa_blocks.distributed import all_reduce_with_grad, gather_with_grad
-from jepa_blocks.encoders import EncoderTokens, ViTEncoder, export_encoder
+from jepa_blocks.encoders import EncoderTokens, TimmTokenEncoder, ViTEncoder, export_encoder
 from jepa_blocks.evaluation import (
     anisotropy,
     attention_maps,
@@ -62,11 +63,17 @@ from jepa_blocks.evaluation import (
 from jepa_blocks.grid import level_footprint, level_grid_size, pool_grid_tokens, token_positions
 from jepa_blocks.layers import (
     Attention,
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
     TransformerBlock,
     attention_mask_from_valid,
     dot_product_attention,
+    drop_path,
     init_transformer_weights,
     rescale_residual_branches,
+    sample_seeded_drop_path,
     transformer_stack,
 )
 from jepa_blocks.losses import (
@@ -129,6 +136,7 @@ from jepa_blocks.training import (
     cosine_ramp,
     is_no_decay,
     load_checkpoint,
+    load_latest_good,
     param_groups_for_weight_decay,
     sample_seed,
     save_checkpoint,
@@ -1019,6 +1027,7 @@ CASES += _ctor_cases(
         "schedule": bad_choice(("linear", "cosine")),
         "update_every": bad_int(1),
         "compensate": bad_bool(),
+        "check_finite": bad_bool(),
     },
 )
 CASES += [
@@ -1780,6 +1789,40 @@ CASES += [
     ),
     Case("BestCheckpoints-keep", "keep", lambda v: BestCheckpoints(_TMP_DIR, keep=v), bad_int(1)),
     Case(
+        "load_latest_good-directory",
+        "directory",
+        lambda v: load_latest_good(v),
+        st.one_of(
+            st.sampled_from([None, 3, ["a"]]).map(lambda v: (v, TypeError)),
+            # CheckpointError is a ValueError: a missing folder, a file instead of a folder
+            st.sampled_from([f"{_TMP_DIR}/missing-run", __file__]).map(lambda v: (v, ValueError)),
+        ),
+    ),
+    Case(
+        "load_latest_good-last_name",
+        "last_name",
+        lambda v: load_latest_good(_TMP_DIR, last_name=v),
+        st.one_of(
+            st.sampled_from([None, 3, b"last.pt"]).map(lambda v: (v, TypeError)),
+            st.sampled_from(["", "../last.pt", "sub/last.pt", f"{_TMP_DIR}/last.pt"]).map(lambda v: (v, ValueError)),
+        ),
+    ),
+    Case(
+        "load_latest_good-pattern",
+        "pattern",
+        lambda v: load_latest_good(_TMP_DIR, pattern=v),
+        st.one_of(
+            st.sampled_from([None, 3]).map(lambda v: (v, TypeError)),
+            st.sampled_from(["", "/tmp/*.pt"]).map(lambda v: (v, ValueError)),
+        ),
+    ),
+    Case(
+        "load_latest_good-weights_only",
+        "weights_only",
+        lambda v: load_latest_good(_TMP_DIR, weights_only=v),
+        bad_bool(),
+    ),
+    Case(
         "BestCheckpoints-mode",
         "mode",
         lambda v: BestCheckpoints(_TMP_DIR, mode=v),
@@ -1830,6 +1873,162 @@ CASES += [
         "x",
         all_reduce_with_grad,
         st.sampled_from(["x", [1.0], None]).map(lambda v: (v, TypeError)),
+    ),
+    Case("DropPath-drop_prob", "drop_prob", _kw(DropPath, "drop_prob"), bad_float(0.0, 1.0, max_inclusive=False)),
+    Case("drop_path-drop_prob", "drop_prob", _kw(drop_path, "drop_prob", x=torch.ones(4, 2)),
+         bad_float(0.0, 1.0, max_inclusive=False)),
+    Case(
+        "drop_path-sample_seeds",
+        "sample_seeds",
+        _kw(drop_path, "sample_seeds", x=torch.ones(4, 2), drop_prob=0.1),
+        st.sampled_from([("x", TypeError), (torch.ones(4), TypeError), (torch.arange(3), ValueError),
+                         (torch.zeros(2, 2, dtype=torch.long), ValueError)]),
+    ),
+    Case(
+        "sample_seeded_drop_path-sample_seeds",
+        "sample_seeds",
+        lambda v: sample_seeded_drop_path(DropPath(drop_prob=0.1), v).__enter__(),
+        st.sampled_from([("x", TypeError), (torch.ones(3), TypeError), (torch.zeros(2, 2, dtype=torch.long),
+                                                                        ValueError)]),
+    ),
+]
+
+# ---- timm-compatible layers and the timm ViT adapter
+# Layer factories (act_layer, norm_layer) that are not callable or build no nn.Module.
+_BAD_FACTORY = st.sampled_from(["x", 3, int, lambda *a: "not a module"]).map(lambda v: (v, TypeError))
+CASES += _ctor_cases(
+    "Mlp",
+    Mlp,
+    {
+        "in_features": bad_int(1),
+        "hidden_features": bad_int(1, none_ok=True),  # 0 and False too: no silent default
+        "out_features": bad_int(1, none_ok=True),
+        "act_layer": st.one_of(_BAD_FACTORY, st.just((None, TypeError))),
+        "norm_layer": _BAD_FACTORY,
+        "bias": bad_bool(),
+        "drop": bad_float(0.0, 1.0),
+    },
+    in_features=4,
+)
+CASES += _ctor_cases(
+    "LayerScale",
+    LayerScale,
+    {"dim": bad_int(1), "init_values": bad_float(), "inplace": bad_bool()},
+    dim=4,
+)
+CASES += _ctor_cases(
+    "PatchEmbed",
+    PatchEmbed,
+    {
+        "img_size": bad_grid(),
+        "patch_size": bad_int(1),
+        "in_chans": bad_int(1),
+        "embed_dim": bad_int(1),
+        "norm_layer": _BAD_FACTORY,
+        "bias": bad_bool(),
+    },
+    img_size=8,
+    patch_size=4,
+    embed_dim=4,
+)
+_ANY_RANK = {"finite": False, "empty_ok": True, "bad_ranks": (0,)}  # (..., D): only a scalar is a bad rank
+CASES += [
+    Case("Mlp.forward-x", "x", lambda v: Mlp(4)(v), bad_float_tensor((2, 3, 4), size_dims=(2,), **_ANY_RANK)),
+    Case("LayerScale.forward-x", "x", lambda v: LayerScale(4)(v), bad_float_tensor((2, 3, 4), size_dims=(2,), **_ANY_RANK)),
+    Case(
+        "PatchEmbed-img_size-divisible",
+        "img_size",
+        lambda v: PatchEmbed(img_size=v, patch_size=4),
+        st.sampled_from([2, 6, (8, 10)]).map(lambda v: (v, ValueError)),
+    ),
+    Case(
+        "PatchEmbed-patch_size-too-large",
+        "patch_size",
+        lambda v: PatchEmbed(img_size=8, patch_size=v),
+        st.sampled_from([3, 5, 16]).map(lambda v: (v, ValueError)),
+    ),
+    Case(
+        "PatchEmbed.forward-images",
+        "images",
+        lambda v: PatchEmbed(img_size=8, patch_size=4, embed_dim=4)(v),
+        bad_float_tensor((2, 3, 8, 8), finite=False, size_dims=(1,)),  # dim 1: channels
+    ),
+    Case(
+        "PatchEmbed.forward-images-size",
+        "images",
+        lambda v: PatchEmbed(img_size=8, patch_size=4, embed_dim=4)(torch.randn(1, 3, v, 8)),
+        st.sampled_from([2, 6, 9]).map(lambda v: (v, ValueError)),
+    ),
+]
+
+
+@functools.cache
+def _timm_vit(**kw: Any) -> nn.Module:
+    """A tiny timm ViT (4x4 grid of 4-pixel patches, one block), built without download."""
+    base = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 0}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**base, **kw})
+
+
+@functools.cache
+def _timm_enc() -> TimmTokenEncoder:
+    return TimmTokenEncoder(_timm_vit())
+
+
+_FAKE_VIT = nn.Module()  # a ViT's attributes, but not a timm VisionTransformer
+_FAKE_VIT.patch_embed = PatchEmbed(img_size=16, patch_size=4, embed_dim=16)
+_FAKE_VIT.blocks = nn.ModuleList([TransformerBlock(16, num_heads=2)])
+_FAKE_VIT.embed_dim = 16
+CASES += _ctor_cases(
+    "TimmTokenEncoder",
+    lambda **kw: TimmTokenEncoder(**{"model": _timm_vit(), **kw}),
+    {
+        "model": st.sampled_from(["vit", None, nn.Linear(2, 2), _FAKE_VIT, _enc()]).map(lambda v: (v, TypeError)),
+        "out_layers": st.one_of(
+            st.sampled_from(["0", 0, (True,), (0.0,)]).map(lambda v: (v, TypeError)),
+            st.sampled_from([(1,), (-2,), (0, 5)]).map(lambda v: (v, ValueError)),  # depth 1
+        ),
+    },
+)
+CASES += [
+    Case(
+        "TimmTokenEncoder-model-patch_drop",  # timm's random patch dropout breaks keep's order
+        "model",
+        lambda v: TimmTokenEncoder(_timm_vit(patch_drop_rate=v)),
+        st.sampled_from([0.25, 0.5]).map(lambda v: (v, ValueError)),
+    ),
+    Case(
+        "TimmTokenEncoder.from_timm-name",
+        "name",
+        lambda v: TimmTokenEncoder.from_timm(v, img_size=16, patch_size=4),
+        st.one_of(
+            st.sampled_from([3, None]).map(lambda v: (v, TypeError)),
+            st.just("not_a_timm_model_xyz").map(lambda v: (v, ValueError)),
+        ),
+    ),
+    Case("TimmTokenEncoder.forward-images", "images", lambda v: _timm_enc()(v), bad_float_tensor((2, 3, 16, 16))),
+    Case(
+        "TimmTokenEncoder.forward-keep",
+        "keep",
+        lambda v: _timm_enc()(torch.randn(2, 3, 16, 16), keep=v),
+        st.one_of(bad_ids((2, 3), 16), st.just((torch.zeros(3, 2, dtype=torch.long), ValueError))),
+    ),
+    Case(
+        "TimmTokenEncoder.forward-out_layers",
+        "out_layers",
+        lambda v: _timm_enc()(torch.randn(1, 3, 16, 16), out_layers=v),
+        st.one_of(st.just("0").map(lambda v: (v, TypeError)), st.just((3,)).map(lambda v: (v, ValueError))),
+    ),
+    Case(
+        "TimmTokenEncoder.forward-return_prefix",
+        "return_prefix",
+        lambda v: _timm_enc()(torch.randn(1, 3, 16, 16), return_prefix=v),
+        bad_bool(),
+    ),
+    Case(
+        "TimmTokenEncoder.set_grad_checkpointing-enable",
+        "enable",
+        lambda v: TimmTokenEncoder(_timm_vit()).set_grad_checkpointing(v),
+        bad_bool(),
     ),
 ]
 
@@ -2176,7 +2375,7 @@ CASES += [
         "AttentionPool.forward-x",
         "x",
         lambda v: AttentionPool(dim=8, num_heads=2)(v),
-        bad_float_tensor((2, 3, 8), finite=False, size_dims=(2,)),
+        bad_float_tensor((2, 3, 8), size_dims=(2,)),
     ),
     Case(
         "AttentionPool.forward-valid",
@@ -2192,11 +2391,11 @@ CASES += _ctor_cases(
     ),
     {
         "queries": st.one_of(
-            bad_float_tensor((2, 8), finite=False, size_dims=(1,), bad_ranks=(1, 4)),
+            bad_float_tensor((2, 8), size_dims=(1,), bad_ranks=(1, 4)),
             st.just((torch.randn(3, 2, 8), ValueError)),  # batch 3 for keys of batch 2
         ),
-        "keys": bad_float_tensor((2, 3, 8), finite=False, size_dims=(1, 2)),
-        "values": bad_float_tensor((2, 3, 6), finite=False, size_dims=(1,)),
+        "keys": bad_float_tensor((2, 3, 8), size_dims=(1, 2)),
+        "values": bad_float_tensor((2, 3, 6), size_dims=(1,)),
         "valid": _VALID_BAD,
         "num_heads": st.one_of(bad_int(1), st.sampled_from([4, 5]).map(lambda v: (v, ValueError))),
         "allow_empty": bad_bool(),
@@ -2648,6 +2847,85 @@ CASES += _ctor_cases(
     },
 )
 
+# ---- devices: a tensor on another device than the module (or than the call's other
+# tensors) is rejected by a metadata check naming it and both devices. Without a GPU, the
+# meta device stands in for "another device": a CPU module gets a meta tensor, a module
+# moved to meta gets a CPU tensor.
+_META = torch.device("meta")
+_POOL_X = torch.randn(2, 3, 8)
+_ROWS = torch.randn(6, 4)
+
+
+def _on_meta(module: nn.Module) -> nn.Module:
+    return module.to(_META)
+
+
+def _vq() -> VectorQuantizer:
+    return VectorQuantizer(num_codes=4, dim=4, buffer_size=8)
+
+
+def _fpn() -> FPNNeck:
+    return FPNNeck(in_channels=[4, 8], out_channels=4)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> Any:
+    return RoPE2D(head_dim=8)(q, k, positions=positions)
+
+
+_ROPE_Q = torch.randn(1, 2, 3, 8)
+_PRED_ARGS = {"context_indices": _CTX_IDS, "targets": [_T0, _T1]}
+# (id, argument name, call, the argument on the wrong device)
+WRONG_DEVICE: list[tuple[str, str, Callable[[Any], Any], torch.Tensor]] = [
+    ("ViTEncoder.forward-images-device", "images", lambda v: _vit()(v), torch.randn(2, 3, 16, 16, device=_META)),
+    ("ViTEncoder.forward-images-module-device", "images", lambda v: _on_meta(_enc())(v), torch.randn(2, 3, 16, 16)),
+    (
+        "ViTEncoder.forward-keep-device",
+        "keep",
+        lambda v: _vit()(torch.randn(2, 3, 16, 16), keep=v),
+        torch.zeros(2, 3, dtype=torch.long, device=_META),
+    ),
+    (
+        "ViTEncoder.forward_tokens-tokens-device",
+        "tokens",
+        lambda v: _vit().forward_tokens(v, grid_size=4),
+        torch.randn(2, 16, 16, device=_META),
+    ),
+    ("HierarchicalPredictor.forward-context-device", "context", lambda v: _pred()(v, **_PRED_ARGS),
+     torch.randn(2, 5, 16, device=_META)),
+    ("HierarchicalPredictor.forward-context-module-device", "context", lambda v: _on_meta(_pred())(v, **_PRED_ARGS),
+     torch.randn(2, 5, 16)),
+    ("RoPE2D.forward-positions-device", "positions", lambda v: _rope(_ROPE_Q, _ROPE_Q, v), torch.randn(3, 2, device=_META)),
+    ("RoPE2D.forward-k-device", "k", lambda v: _rope(_ROPE_Q, v, torch.randn(3, 2)), _ROPE_Q.to(_META)),
+    ("FPNNeck.forward-features[1]-device", "features[1]", lambda v: _fpn()([_FPN_FEATS[0], v]),
+     _FPN_FEATS[1].to(_META)),
+    ("FPNNeck.forward-features[0]-module-device", "features[0]", lambda v: _on_meta(_fpn())([v, _FPN_FEATS[1]]),
+     _FPN_FEATS[0]),
+    ("AttentionPool.forward-x-device", "x", lambda v: AttentionPool(dim=8, num_heads=2)(v), _POOL_X.to(_META)),
+    ("AttentionPool.forward-x-module-device", "x", lambda v: _on_meta(AttentionPool(dim=8, num_heads=2))(v), _POOL_X),
+    ("AttentionPool.forward-valid-device", "valid", lambda v: AttentionPool(dim=8, num_heads=2)(_POOL_X, v),
+     torch.ones(2, 3, dtype=torch.bool, device=_META)),
+    ("attention_pool-keys-device", "keys", lambda v: attention_pool(torch.randn(2, 8), v, _POOL_X, num_heads=2),
+     _POOL_X.to(_META)),
+    ("vicreg_loss-y-device", "y", lambda v: vicreg_loss(_ROWS, v), _ROWS.to(_META)),
+    ("VICRegLoss.forward-z_b-device", "z_b", lambda v: VICRegLoss()(_ROWS, v), _ROWS.to(_META)),
+    ("latent_prediction_loss-targets[0]-device", "targets[0]", lambda v: latent_prediction_loss(_POOL_X, v),
+     _POOL_X.to(_META)),
+    ("latent_prediction_loss-valid[0]-device", "valid[0]", lambda v: latent_prediction_loss(_POOL_X, _POOL_X, v),
+     torch.ones(2, 3, dtype=torch.bool, device=_META)),
+    ("LatentPredictionLoss.forward-targets[1]-device", "targets[1]",
+     lambda v: LatentPredictionLoss()([_POOL_X] * 2, [_POOL_X, v]), _POOL_X.to(_META)),
+    ("sigreg-directions-device", "directions", lambda v: sigreg(_ROWS, directions=v), torch.randn(4, 8, device=_META)),
+    ("SIGRegLoss.forward-x-device", "x", lambda v: SIGRegLoss(num_directions=8)(v), _ROWS.to(_META)),
+    ("SIGRegLoss.forward-x-module-device", "x", lambda v: _on_meta(SIGRegLoss(num_directions=8))(v), _ROWS),
+    ("VectorQuantizer.forward-z-device", "z", lambda v: _vq()(v), _ROWS.to(_META)),
+    ("VectorQuantizer.eval-z-device", "z", lambda v: _vq().eval()(v), _ROWS.to(_META)),
+    ("VectorQuantizer.forward-z-module-device", "z", lambda v: _on_meta(_vq())(v), _ROWS),
+    ("nearest_codes-codebook-device", "codebook", lambda v: nearest_codes(_ROWS, v), torch.randn(3, 4, device=_META)),
+    ("squared_distances-codebook-device", "codebook", lambda v: squared_distances(_ROWS, v),
+     torch.randn(3, 4, device=_META)),
+]
+CASES += [Case(c, name, call, st.just((value, ValueError))) for c, name, call, value in WRONG_DEVICE]
+
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 @FAST
@@ -2655,6 +2933,14 @@ CASES += _ctor_cases(
 def test_bad_argument_is_rejected_naming_it(case: Case, data: st.DataObject) -> None:
     value, exc = data.draw(case.bad, label=case.name)
     expect_error(exc, case.name, lambda: case.call(value))
+
+
+@pytest.mark.parametrize(("case", "name", "call", "value"), WRONG_DEVICE, ids=[c for c, *_ in WRONG_DEVICE])
+def test_wrong_device_names_both_devices(case, name, call, value) -> None:
+    """The device rejection (a metadata check) names the argument and both devices."""
+    with pytest.raises(ValueError, match=re.escape(name)) as info:
+        call(value)
+    assert "meta" in str(info.value) and "cpu" in str(info.value), info.value
 
 
 def test_every_public_name_is_exercised() -> None:
@@ -2689,6 +2975,7 @@ _EXEMPT = {
     "FinetuneResult",
     "VQOutput",
     "NonFiniteLossError",
+    "UnverifiedCheckpointWarning",  # a warning class: nothing to call with bad input
 }
 
 # Blocks that other work added while these tests were written: they check their own bad
@@ -2777,6 +3064,16 @@ NONFINITE: list[tuple[str, str, Callable[[torch.Tensor], Any], tuple[int, ...]]]
     ("few_shot_accuracy", "features", lambda v: few_shot_accuracy(v, _LABELS, n_way=2, k_shot=1, num_episodes=2, n_query=1), (12, 3)),
     ("embedding_diagnostics", "z", embedding_diagnostics, (6, 4)),
     ("attention_maps", "images", lambda v: attention_maps(_vit(), v), (1, 3, 16, 16)),
+    ("AttentionPool", "x", lambda v: AttentionPool(dim=4, num_heads=2)(v[None]), (6, 4)),
+    (
+        "AttentionPool-padded",  # NaN in a *real* token, other tokens padded
+        "x",
+        lambda v: AttentionPool(dim=4, num_heads=2)(v[None], torch.arange(6)[None] != 0),
+        (6, 4),
+    ),
+    ("attention_pool", "values", lambda v: attention_pool(_F[:2], _F[None], v[None], num_heads=2), (6, 4)),
+    ("attention_pool", "queries", lambda v: attention_pool(v, _F[None], _F[None], num_heads=2), (2, 4)),
+    ("MultiCropMasker", "images", lambda v: _mc()(v), (2, 3, 32, 32)),
 ]
 
 
@@ -2792,6 +3089,44 @@ def test_nonfinite_input_is_rejected_while_value_checks_are_on(call, name, fn, s
             assert "finite" not in str(err), err
         except RuntimeError:  # e.g. an SVD that does not converge on NaN: not a value check
             pass
+
+
+# Finite inputs so large that the float32 arithmetic inside overflows (squares, 4th
+# powers): rejected naming the argument while value checks are on, never a silent NaN/Inf.
+OVERFLOW: list[tuple[str, str, Callable[[torch.Tensor], Any], tuple[int, ...]]] = [
+    ("vicreg_loss", "x", lambda v: vicreg_loss(v, _F), (6, 4)),
+    ("VICRegLoss", "z_a", lambda v: VICRegLoss()(v, _F), (6, 4)),
+    ("invariance_loss", "x", lambda v: invariance_loss(v, _F), (6, 4)),
+    ("covariance_loss", "x", covariance_loss, (6, 4)),
+    ("VectorQuantizer", "z", lambda v: VectorQuantizer(num_codes=4, dim=4, buffer_size=8)(v), (6, 4)),
+    ("VectorQuantizer.eval", "z", lambda v: VectorQuantizer(num_codes=4, dim=4, buffer_size=8).eval()(v), (6, 4)),
+    ("nearest_codes", "z", lambda v: nearest_codes(v, _F), (3, 4)),
+    ("squared_distances", "codebook", lambda v: squared_distances(_F, v), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("scale", [1e30, -1e30, 3e38], ids=["1e30", "-1e30", "3e38"])
+@pytest.mark.parametrize(("call", "name", "fn", "shape"), OVERFLOW, ids=[f"{c}-{n}" for c, n, _, _ in OVERFLOW])
+def test_overflowing_finite_input_is_rejected_while_value_checks_are_on(call, name, fn, shape, scale) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * abs(scale)
+    x = x.clamp(-3e38, 3e38).mul(math.copysign(1.0, scale))
+    assert torch.isfinite(x).all()
+    expect_error(ValueError, name, lambda: fn(x))
+    with value_checks(False):  # the check (and its host sync) is skipped: documented overflow
+        fn(x)
+
+
+def test_ema_target_refuses_nonfinite_online_weights() -> None:
+    """The EMA target is what the non-finite step guard protects: never poisoned, checked
+    whatever the value-check setting (see tests/targets/test_ema.py for the details)."""
+    online = nn.Linear(3, 2)
+    target = EMATarget(online, total_steps=10)
+    with torch.no_grad():
+        online.weight[0, 1] = NAN
+    for checks in (True, False):
+        with value_checks(checks):
+            expect_error(ValueError, "online", lambda: target.update(online))
+    assert torch.isfinite(target.module.weight).all() and target.step == 0
 
 
 def test_padding_may_hold_nan_in_the_latent_loss() -> None:
@@ -2877,7 +3212,7 @@ def test_newer_blocks_take_a_batch_of_one_and_half(dtype: torch.dtype) -> None:
     crops = crop_and_resize(torch.rand(1, 3, 8, 8).to(dtype), _BOXES[:1], size=4)
     assert crops.shape == (1, 1, 3, 4, 4) and crops.dtype == dtype and _finite(crops)
     x = torch.randn(2, 8).to(dtype)
-    assert _finite(ntxent_loss(x, x.flip(0)), info_nce_loss(x, x.flip(0)), InfoNCELoss()(x, x.flip(0)).total)
+    assert _finite(ntxent_loss(x, x.flip(0)), info_nce_loss(x, x.flip(0)), InfoNCELoss()(x, x.flip(0)))
     out = VectorQuantizer(num_codes=4, dim=8, buffer_size=8)(torch.randn(1, 8).to(dtype))
     assert out.quantized.dtype == dtype and out.codes.shape == (1,) and _finite(out.quantized, out.loss)
     assert nearest_codes(torch.randn(1, 8).to(dtype), torch.randn(4, 8)).shape == (1,)

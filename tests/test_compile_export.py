@@ -118,11 +118,11 @@ class _Chain:
             full = self.enc(x).tokens
         targets = hierarchical_targets(full, grid_size=GRID, targets=list(masks.targets))
         preds = self.pred(ctx, context_indices=masks.context, targets=list(masks.targets))
-        latent = self.latent(preds, targets, [t.valid for t in masks.targets]).total
+        latent = self.latent(preds, targets, [t.valid for t in masks.targets])
         weight = masks.context.valid.unsqueeze(-1).to(ctx.dtype)
         z_ctx = (ctx * weight).sum(1) / weight.sum(1)  # mean over real context tokens
         z_full = self.enc(x).tokens.mean(1)
-        reg = self.sigreg(ctx.flatten(0, 1)) + self.vicreg(z_ctx, z_full).total
+        reg = self.sigreg(ctx.flatten(0, 1)) + self.vicreg(z_ctx, z_full)
         return latent + 0.1 * reg
 
     def loss_and_grads(self, fn, x, masks) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -10,6 +10,7 @@ batch.
 from __future__ import annotations
 
 import importlib
+import warnings
 from unittest import mock
 
 import pytest
@@ -87,12 +88,26 @@ def _worker_collectives(rank: int, world: int) -> None:
     expected = world * ref.grad[start : start + _SIZES[rank]]
     torch.testing.assert_close(local.grad, expected, rtol=1e-12, atol=1e-12)
 
-    # all_reduce_with_grad: forward sum, backward sum of the ranks' gradients.
-    y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
-    s = all_reduce_with_grad(y)
-    torch.testing.assert_close(s, torch.full((3,), 3.0, dtype=torch.float64))
-    (s * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+    # all_reduce_with_grad: forward sum, backward sum of the ranks' gradients, without the
+    # FutureWarning of the deprecated torch.distributed.nn.functional.all_reduce.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
+        s = all_reduce_with_grad(y)
+        torch.testing.assert_close(s, torch.full((3,), 3.0, dtype=torch.float64))
+        (s * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
     torch.testing.assert_close(y.grad, world * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert s.grad_fn is not None and y.grad.dtype == torch.float64
+
+    # bf16 keeps its dtype both ways (summed in float32 inside) and the input is untouched.
+    h = torch.tensor([1.0, 2.0**-8, -3.0], dtype=torch.bfloat16) * (rank + 1)
+    h_in = h.clone().requires_grad_(True)
+    hs = all_reduce_with_grad(h_in)
+    assert hs.dtype == torch.bfloat16 and torch.equal(h_in.detach(), h)
+    torch.testing.assert_close(hs, (h.float() * 3 / (rank + 1)).bfloat16(), rtol=0, atol=0)
+    hs.float().sum().backward()
+    assert h_in.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h_in.grad, torch.full_like(h, float(world)), rtol=0, atol=0)
 
     # Mismatched trailing shapes fail loudly on every rank.
     bad = torch.zeros(2, 4 + rank)
@@ -132,7 +147,7 @@ def _tiny_model() -> nn.Module:
 
 def _vicreg(gather: bool):
     criterion = VICRegLoss(gather_distributed=gather)
-    return lambda z: criterion(z[0], z[1]).total  # z: (2 views, N, D)
+    return lambda z: criterion(z[0], z[1])  # z: (2 views, N, D)
 
 
 def _sigreg(gather: bool):

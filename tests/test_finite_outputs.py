@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jepa_blocks import value_checks
 from jepa_blocks.encoders import ViTEncoder
 from jepa_blocks.evaluation import (
     anisotropy,
@@ -40,6 +41,8 @@ from jepa_blocks.losses import (
 )
 from jepa_blocks.masking import MaskIndices
 from jepa_blocks.predictors import HierarchicalPredictor
+from jepa_blocks.quantizers import VectorQuantizer, nearest_codes, squared_distances
+from jepa_blocks.quantizers.vq import _max_abs_entry
 
 FAST = settings(max_examples=10, deadline=None, derandomize=True)
 
@@ -122,7 +125,7 @@ def test_vicreg_finite_at_collapse_for_any_eps(make, eps):
     total, terms = vicreg_loss(x, y, eps=eps)
     assert_finite_with_grad(total, x, y)
     assert all(torch.isfinite(t) for t in terms.values())
-    assert_finite_with_grad(VICRegLoss(eps=eps)(x, y).total, x, y)
+    assert_finite_with_grad(VICRegLoss(eps=eps)(x, y), x, y)
     assert_finite_with_grad(variance_loss(x, eps=eps), x)
     assert_finite_with_grad(covariance_loss(x), x)
 
@@ -145,6 +148,59 @@ def test_vicreg_finite_for_any_finite_input(n, d, scale, eps, repeat_rows):
     assert_finite_with_grad(vicreg_loss(x, y, eps=eps).total, x, y)
 
 
+@pytest.mark.parametrize("scale", [1e6, 1e10])
+def test_vicreg_large_inputs_finite_or_rejected_never_silent(scale):
+    """Large finite inputs: a finite loss (no false alarm of the overflow check) while the
+    float32 arithmetic holds, else a ValueError naming the inputs; never a silent NaN/Inf.
+    The covariance term scales as the 4th power: 1e6 fits float32, 1e10 does not."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 4, generator=g) * scale).requires_grad_()
+    y = (torch.randn(6, 4, generator=g) * scale).requires_grad_()
+    if scale < 1e8:
+        assert_finite_with_grad(vicreg_loss(x, y).total, x, y)
+        return
+    with pytest.raises(ValueError, match=r"x and y must be small enough .* VICReg loss"):
+        vicreg_loss(x, y)
+    with pytest.raises(ValueError, match=r"z_a and z_b must be small enough"):
+        VICRegLoss()(x, y)
+    with value_checks(False):  # documented: the overflow then passes through
+        assert not torch.isfinite(vicreg_loss(x, y).total)
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+@pytest.mark.parametrize("dim", [1, 4, 96])
+def test_vector_quantizer_finite_up_to_its_magnitude_bound(dim):
+    """Entries at the bound the value check enforces (float32 sqrt(max / n) / 2 for sums of
+    n squares: n = D for distances, M D for the loss; every entry there, the worst case)
+    give finite distances, nearest codes and a finite loss; a little beyond, ValueError."""
+    bound = _max_abs_entry(dim) * 0.999
+    g = torch.Generator().manual_seed(dim)
+    signs = torch.randint(0, 2, (6, dim), generator=g).float() * 2 - 1
+    z = signs * bound
+    codebook = torch.cat([-z[:2], z[2:4]])  # the largest possible distance, and 0
+    dist = squared_distances(z, codebook)
+    assert torch.isfinite(dist).all()
+    ref = (z.double()[:, None] - codebook.double()[None]).square().sum(-1)  # float64, direct
+    # The expansion |z|^2 + |e|^2 - 2 z.e cancels: errors are relative to the largest term.
+    torch.testing.assert_close(dist.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.max()))
+    codes = nearest_codes(z, codebook)
+    assert torch.equal(ref.gather(1, codes[:, None])[:, 0], ref.min(1).values)
+    with pytest.raises(ValueError, match="z must have entries of magnitude"):
+        nearest_codes(z * 1.01 / 0.999, codebook)
+    vq_bound = _max_abs_entry(z.numel()) * 0.999
+    z, codebook = z * (vq_bound / bound), codebook * (vq_bound / bound)
+    vq = VectorQuantizer(num_codes=4, dim=dim, buffer_size=8, init="normal")
+    vq.set_codebook_(codebook)
+    for mode in (vq.eval(), vq.train()):
+        out = mode(z.requires_grad_())
+        assert_finite_with_grad(out.loss, z)
+        assert torch.isfinite(out.quantized).all() and torch.isfinite(vq.codebook).all()
+    with pytest.raises(ValueError, match="z must have entries of magnitude"):
+        vq(z.detach() * 1.01 / 0.999)
+
+
 # ----------------------------------------------------------------------------- latent loss
 
 
@@ -160,7 +216,8 @@ def test_latent_loss_all_padding_and_constant_targets(loss_type, normalize_targe
     assert out.total.item() == 0.0
     assert_finite_with_grad(out.total, pred, target)
     # One level all padding, the other not.
-    out = LatentPredictionLoss(**kw, level_weights=(1.0, 1.0))([pred, pred], [target, target], [none, None])
+    out = LatentPredictionLoss(**kw, level_weights=(1.0, 1.0))([pred, pred], [target, target], [none, None],
+                                                               return_terms=True)
     assert out.terms["level0"].item() == 0.0
     assert_finite_with_grad(out.total, pred, target)
     # Constant targets: layer norm of a row with zero variance (eps keeps it finite).

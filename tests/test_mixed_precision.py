@@ -49,7 +49,7 @@ def _step(encoder, predictor, target, images, masks, *, amp: bool):
         targets = hierarchical_targets(full.float(), grid_size=4, targets=masks.targets)
         context = encoder(images, keep=masks.context).tokens
         preds = predictor(context, context_indices=masks.context, targets=masks.targets)
-    loss, _ = criterion([p.float() for p in preds], targets, [t.valid for t in masks.targets])
+    loss = criterion([p.float() for p in preds], targets, [t.valid for t in masks.targets])
     loss.backward()
     grads = {
         f"{prefix}.{name}": p.grad

@@ -4,6 +4,11 @@ Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right k
 value) with a message that names the argument, what was expected and what came. Blocks
 call these at their public boundary only; internal code trusts its inputs.
 
+Devices: :func:`check_same_device` rejects a tensor argument on another device than the
+module's parameters and buffers (or than the call's other tensor arguments) with a
+``ValueError`` naming it, the expected and the actual device. It reads ``tensor.device``
+only (metadata, no host sync), so it always runs.
+
 Value checks are a debug mode. Checks of type, shape and dtype read only metadata and
 always run. Checks that read tensor *values* (NaN/Inf inputs, ids outside their range)
 cost a pass over the tensor and, on an accelerator, a host sync; whether they run is
@@ -53,7 +58,9 @@ __all__ = [
     "check_index_range",
     "check_int",
     "check_pair",
+    "check_overflow",
     "check_row_pairs",
+    "check_same_device",
     "check_tensor",
     "has_data",
     "match_dtype",
@@ -331,10 +338,12 @@ def check_tensor(
 
 
 def check_row_pairs(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
-    """Both ``(N, D)`` float tensors of the same shape, finite (a value check: one host
-    sync, skipped unless :func:`value_checks_enabled`). Shared by the paired losses."""
+    """Both ``(N, D)`` float tensors of the same shape on one device, finite (a value check:
+    one host sync, skipped unless :func:`value_checks_enabled`). Shared by the paired
+    losses."""
     check_tensor(names[0], a, ndim=2, kind="float")
     check_tensor(names[1], b, ndim=2, kind="float")
+    check_same_device((names[0], a), (names[1], b))
     if a.shape != b.shape:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same shape (N, D), got "
@@ -353,7 +362,54 @@ def check_device(name: str, value: Any) -> torch.device:
         ) from err
 
 
-def check_finite(*items: tuple[str, torch.Tensor | None]) -> None:
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    """Device of the first parameter (else buffer) of ``module``; ``None`` if it has none."""
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            return t.device
+    return None
+
+
+def check_same_device(
+    *items: tuple[str, torch.Tensor | None], module: torch.nn.Module | None = None
+) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``items`` on an unexpected device.
+
+    The expected device is that of ``module``'s first parameter (or, without parameters,
+    its first buffer); for a module without tensors, or without ``module``, it is the
+    device of the first tensor of ``items``. A metadata check (``tensor.device``, no host
+    sync): it always runs, also under tracing. ``None`` entries and non-tensors are
+    skipped (their type is checked elsewhere).
+
+    Args:
+        *items: ``(name, tensor)`` pairs, tensors of any shape.
+        module: The module whose device the tensors must be on, or ``None``.
+
+    Example:
+        >>> check_same_device(("x", torch.zeros(2, device="meta")), module=torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: x must be on the device of the Linear's parameters/buffers (cpu), got a tensor on meta; move the module or the tensor with .to(device)
+    """
+    tensors = [(n, t) for n, t in items if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return
+    expected = None if module is None else _module_device(module)
+    if expected is not None:
+        where = f"the device of the {type(module).__name__}'s parameters/buffers ({expected})"
+        fix = "move the module or the tensor with .to(device)"
+    else:
+        first, t0 = tensors[0]
+        expected, where = t0.device, f"the device of {first} ({t0.device})"
+        fix = "move one of them with .to(device)"
+    for name, t in tensors:
+        if t.device != expected:
+            raise ValueError(f"{name} must be on {where}, got a tensor on {t.device}; {fix}")
+
+
+def check_finite(
+    *items: tuple[str, torch.Tensor | None], max_abs: float | None = None, reason: str = ""
+) -> None:
     """Raise ``ValueError`` naming the first of ``(name, tensor)`` pairs holding NaN or Inf.
 
     A value check: does nothing unless :func:`value_checks_enabled`. All tensors are
@@ -366,6 +422,10 @@ def check_finite(*items: tuple[str, torch.Tensor | None]) -> None:
 
     Args:
         *items: ``(name, tensor)`` pairs, tensors of any shape.
+        max_abs: Also reject finite entries of magnitude above this bound (for blocks
+            whose arithmetic would overflow beyond it); one min/max reduction per tensor
+            then replaces the sum, still with one host sync.
+        reason: Why ``max_abs`` holds, appended to its message.
     """
     if not value_checks_enabled():
         return
@@ -377,12 +437,60 @@ def check_finite(*items: tuple[str, torch.Tensor | None]) -> None:
     if not named:
         return
     device = named[0][1].device
+    if max_abs is not None:
+        # min and max are exact: NaN if an entry is NaN, +-Inf if one is infinite (and
+        # aminmax is one fast pass, unlike an inf-norm on the CPU).
+        acc = torch.float64 if any(t.dtype == torch.float64 for _, t in named) else torch.float32
+        ranges = [torch.stack(torch.aminmax(t.detach().abs() if t.is_complex() else t.detach())) for _, t in named]
+        bounds = torch.stack([r.to(device=device, dtype=acc) for r in ranges]).tolist()
+        for (name, _), (low, high) in zip(named, bounds, strict=True):
+            top = max(-low, high)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{name} must be finite, got NaN or Inf values")
+            if top > max_abs:
+                why = f" ({reason})" if reason else ""
+                raise ValueError(
+                    f"{name} must have entries of magnitude <= {max_abs:.3g}{why}, got up to {top:.3g}"
+                )
+        return
     flags = torch.stack([sum_is_finite(t).to(device) for _, t in named]).tolist()
     if all(flags):
         return
     for (name, t), quick in zip(named, flags, strict=True):
         if not quick and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} must be finite, got NaN or Inf values")
+
+
+def check_overflow(
+    result: torch.Tensor, *inputs: tuple[str, torch.Tensor], what: str, hint: str = ""
+) -> None:
+    """Raise ``ValueError`` if ``result``, computed from finite ``inputs``, is not finite.
+
+    For computations whose value overflows the floating range for large but finite inputs
+    (e.g. a 4th power of the input scale): the message names the inputs and their largest
+    magnitude. A value check (one host sync; skipped unless :func:`value_checks_enabled`);
+    call it after :func:`check_finite` of the inputs, so that a non-finite result can only
+    come from an overflow inside.
+
+    Args:
+        result: The computed tensor (any shape).
+        *inputs: ``(name, tensor)`` pairs it was computed from.
+        what: What ``result`` is, for the message (e.g. ``"the VICReg loss"``).
+        hint: What to do about it, appended to the message.
+    """
+    if not value_checks_enabled() or not has_data(result) or result.numel() == 0:
+        return
+    if bool(torch.isfinite(result).all()):
+        return
+    sizes = ", ".join(
+        f"max |{name}| = {float(t.detach().abs().amax()):.3g}" if t.numel() else f"{name} empty"
+        for name, t in inputs
+    )
+    names = " and ".join(name for name, _ in inputs)
+    raise ValueError(
+        f"{names} must be small enough for {what} to stay finite in {result.dtype}, got finite "
+        f"inputs ({sizes}) whose result overflows to NaN/Inf{'; ' + hint if hint else ''}"
+    )
 
 
 def sum_is_finite(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:

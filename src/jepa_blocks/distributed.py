@@ -96,6 +96,31 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]]
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum all-reduce whose backward is again a sum all-reduce of the incoming gradients.
+
+    Low-precision floats (bf16, fp16) are summed in float32 and the sum is cast back, in
+    both directions, so the result does not depend on the ranks' summation order more
+    than one rounding to the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return _sum_over_ranks(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return _sum_over_ranks(grad)
+
+
+def _sum_over_ranks(x: Tensor) -> Tensor:
+    """A new tensor: ``x`` summed over the default group (in float32 for bf16 / fp16)."""
+    wide = x.dtype in (torch.bfloat16, torch.float16)
+    out = x.detach().to(torch.float32 if wide else x.dtype, memory_format=torch.contiguous_format, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(x.dtype) if wide else out
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """All-gather ``x`` along dim 0 over the default process group, keeping gradients.
 
@@ -125,9 +150,13 @@ def gather_with_grad(x: Tensor) -> Tensor:
 def all_reduce_with_grad(x: Tensor) -> Tensor:
     """Sum ``x`` over the default process group, keeping gradients.
 
-    Uses ``torch.distributed.nn.functional.all_reduce`` (whose backward is again a sum
-    all-reduce), giving the same ``world_size * dL/dx_local`` convention as
-    :func:`gather_with_grad`.
+    A small ``autograd.Function`` over ``torch.distributed.all_reduce`` (whose backward is
+    again a sum all-reduce), giving the same ``world_size * dL/dx_local`` convention as
+    :func:`gather_with_grad`. (It replaces the deprecated
+    ``torch.distributed.nn.functional.all_reduce``, which warns on every rank; the
+    replacement that warning names, ``torch.distributed._functional_collectives``, is
+    private, and its autograd support depends on the torch version.) bf16 and fp16 inputs are summed in
+    float32 and cast back, in the forward and the backward.
 
     Args:
         x: Tensor of any shape, the same on every rank.
@@ -139,9 +168,7 @@ def all_reduce_with_grad(x: Tensor) -> Tensor:
     check_tensor("x", x, allow_empty=True)
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM)
+    return _AllReduceSumWithGrad.apply(x)
 
 
 def _inner(module: nn.Module) -> nn.Module | None:

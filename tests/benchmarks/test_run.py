@@ -109,7 +109,10 @@ def test_train_step_section_keys_and_compile_time_guard():
         "train_step.static_mb",
     ):
         _positive(res, key)
-    assert res["train_step.mfu"] == res["train_step.mfu_fp32"]  # CPU: against fp32
+    # The step runs in bf16 autocast: MFU is against the bf16 matmul, named in the results.
+    assert res["train_step.mfu"] == res["train_step.mfu_bf16"]
+    assert "bf16 matmul" in res["train_step.mfu_reference"]
+    assert "train_step.mfu_peak" not in res  # data-sheet peaks are for GPUs only
     for phase in run.PHASES:
         _positive(res, f"train_step.phase.{phase}.ms")
     # The compile measurement could not finish in 0.01 s: recorded, not raised.
@@ -171,3 +174,41 @@ def test_compile_worker_failure_is_recorded():
     res = run.compiled_step_in_subprocess(bad, CPU, threads=1, timeout_s=120)
     assert res["error"].startswith("torch.compile step failed")
     assert "patch_size" in res["error"]
+
+
+def test_predictor_modes_keys_ratios_report_and_command_line(tmp_path, capsys):
+    step_module = _load("bench_train_step")
+    res = step_module.bench_predictor_modes(TINY, CPU, threads=1, warmup=0, reps=1)
+    old, new = step_module.PREDICTOR_MODES
+    assert (old, new) == ("per_block", "shared_context")
+    for mode in (old, new):
+        for what in ("predictor_fwd_ms", "predictor_fwd_bwd_ms", "step_ms", "images_per_s"):
+            _positive(res, f"train_step.modes.{mode}.{what}")
+        for phase in run.PHASES:
+            _positive(res, f"train_step.modes.{mode}.phase.{phase}.ms")
+        assert res[f"train_step.modes.{mode}.images_per_s"] == pytest.approx(
+            1e3 * TINY.batch / res[f"train_step.modes.{mode}.step_ms"]
+        )
+    for what in ("predictor_fwd", "predictor_fwd_bwd", "step"):
+        assert res[f"train_step.modes.speedup.{what}"] == pytest.approx(
+            res[f"train_step.modes.{old}.{what}_ms"] / res[f"train_step.modes.{new}.{what}_ms"]
+        )
+    text = "\n".join(step_module.format_predictor_modes(res, TINY))
+    assert "shared_context / per_block speed-up" in text and "phases of per_block" in text
+    out = tmp_path / "modes.json"
+    step_module.main(["--preset", "tiny", "--threads", "1", "--warmup", "0", "--reps", "1", "--json", str(out)])
+    assert "speed-up" in capsys.readouterr().out
+    assert json.loads(out.read_text())["train_step.modes.speedup.step"] > 0
+
+
+@pytest.mark.slow
+def test_import_section_times_fresh_processes(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    run.main(["--tiny", "--only", "import", "--device", "cpu", "--json", str(out)])
+    data = json.loads(out.read_text())
+    for name in ("python", "torch", "jepa_blocks"):
+        _positive(data, f"import.{name}_s")
+    assert data["import.reps"] == TINY.import_reps == 1
+    assert data["import.ratio"] == pytest.approx(data["import.jepa_blocks_s"] / data["import.torch_s"])
+    assert data["import.python_s"] < data["import.torch_s"]  # torch's import is not free
+    assert "import jepa_blocks" in capsys.readouterr().out

@@ -173,3 +173,150 @@ def test_bad_forward_args():
         enc(torch.randn(1, 3, 16, 16), keep=torch.tensor([[0, 16]]))
     with pytest.raises(ValueError, match="tokens"):
         enc.forward_tokens(torch.randn(1, 10, 32), grid_size=(4, 4))
+
+
+# ----------------------------------------------------------------------------- from_timm
+
+
+def _timm_tiny(**kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, **kw)
+
+
+def _same_trunk(enc, vit):
+    for name, value in enc.state_dict().items():
+        torch.testing.assert_close(value, vit.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_from_timm_instance_copies_architecture_and_weights():
+    vit = _timm_tiny(depth=2, init_values=1e-3, num_classes=0)
+    enc = ViTEncoder.from_timm(vit)
+    assert (enc.embed_dim, enc.depth, enc.patch_size, enc.default_grid) == (192, 2, 4, (8, 8))
+    _same_trunk(enc, vit)
+    x = torch.randn(2, 5, 192)  # a block computes what timm's block computes
+    torch.testing.assert_close(enc.blocks[1](x), vit.blocks[1](x))
+    with pytest.raises(ValueError, match="instance"):
+        ViTEncoder.from_timm(vit, pretrained=True)
+
+
+def test_from_timm_refuses_what_it_cannot_hold():
+    import timm
+
+    with pytest.raises(ValueError, match="qk-norm"):
+        ViTEncoder.from_timm(_timm_tiny(depth=1, qk_norm=True))
+    with pytest.raises(TypeError, match="Vision Transformer"):
+        ViTEncoder.from_timm(timm.create_model("resnet10t", pretrained=False))
+
+
+def test_from_timm_checkpoint_path_loads_a_local_file(tmp_path):
+    vit = _timm_tiny()  # full depth, with its classifier head: the head is ignored
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    enc = ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, checkpoint_path=path)
+    _same_trunk(enc, vit)
+    # Without weights the encoder keeps its own initialisation.
+    fresh = ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4)
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
+def test_from_timm_timm_kwargs_reach_timm(tmp_path):
+    vit = _timm_tiny(depth=2)
+    path = tmp_path / "two_blocks.pth"
+    torch.save(vit.state_dict(), path)
+    enc = ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, checkpoint_path=path,
+                               timm_kwargs={"depth": 2})
+    assert enc.depth == 2
+    _same_trunk(enc, vit)
+    with pytest.raises(ValueError, match="timm_kwargs"):
+        ViTEncoder.from_timm(vit, timm_kwargs={"depth": 2})
+
+
+def test_from_timm_checkpoint_path_must_fit(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(_timm_tiny(depth=2).state_dict(), path)  # 2 blocks for a 12-block model
+    with pytest.raises(ValueError, match="checkpoint_path.*missing"):
+        ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, checkpoint_path=path)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, checkpoint_path=tmp_path / "no.pth")
+    with pytest.raises(ValueError, match="either"):
+        ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4, checkpoint_path=path, pretrained=True)
+
+
+def test_from_timm_pretrained_cfg_overlay_file_uses_timms_loader(tmp_path):
+    """timm's pretrained path with a local file (``pretrained_cfg_overlay=dict(file=...)``)."""
+    vit = _timm_tiny()
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    enc = ViTEncoder.from_timm(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    )
+    _same_trunk(enc, vit)
+
+
+# ----------------------------------------------------------------------------- from_checkpoint
+
+
+def _trainer_layout(tmp_path, *, ddp_prefix=False):
+    """A file with the layout of examples/train_hjepa.py's last.pt."""
+    from jepa_blocks import EMATarget
+    from jepa_blocks.training import save_checkpoint
+
+    config = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, pos_embed="rope",
+                  drop_path=0.1, lr=1e-3, pred_dim=16)
+    torch.manual_seed(0)
+    online = ViTEncoder(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, pos_embed="rope")
+    target = EMATarget(online, total_steps=10)
+    with torch.no_grad():  # the online encoder moves on after the copy: the two differ
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    encoder_state = online.state_dict()
+    if ddp_prefix:
+        encoder_state = {f"module.{k}": v for k, v in encoder_state.items()}
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"encoder": encoder_state, "target": target.state_dict(), "config": config, "step": 3})
+    return path, online, target.module
+
+
+@pytest.mark.parametrize("ddp_prefix", [False, True])
+def test_from_checkpoint_loads_target_and_online(tmp_path, ddp_prefix):
+    path, online, ema = _trainer_layout(tmp_path, ddp_prefix=ddp_prefix)
+    target = ViTEncoder.from_checkpoint(path)
+    assert not target.training and target.pos_embed == "rope" and target.depth == 2
+    assert target.blocks[1].drop_path1.__class__.__name__ == "Identity"  # training-only drop_path not read
+    _same_state(target, ema)
+    _same_state(ViTEncoder.from_checkpoint(path, which="online"), online)
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(target(images).tokens, ema(images).tokens)
+
+
+def _same_state(a, b):
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_from_checkpoint_random_init_and_overrides(tmp_path):
+    path, _, ema = _trainer_layout(tmp_path)
+    torch.manual_seed(1)
+    random = ViTEncoder.from_checkpoint(path, weights=False)
+    torch.manual_seed(1)
+    same_init = ViTEncoder(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, pos_embed="rope")
+    _same_state(random, same_init)
+    assert not torch.equal(random.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
+    assert ViTEncoder.from_checkpoint(path, out_layers=(0,)).out_layers == (0,)
+
+
+def test_from_checkpoint_bad_input(tmp_path):
+    path, _, _ = _trainer_layout(tmp_path)
+    with pytest.raises(ValueError, match="which"):
+        ViTEncoder.from_checkpoint(path, which="context")
+    with pytest.raises(ValueError, match="config"):
+        ViTEncoder.from_checkpoint({"encoder": {}})
+    with pytest.raises(ValueError, match="'target'"):
+        ViTEncoder.from_checkpoint({"config": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
+                                               "num_heads": 4}})
+    with pytest.raises(ValueError, match="do not fit"):
+        ViTEncoder.from_checkpoint(path, depth=3)
+    with pytest.raises(TypeError, match="checkpoint"):
+        ViTEncoder.from_checkpoint(3)

@@ -143,3 +143,36 @@ def test_docstring_examples_run():
     module = importlib.import_module("jepa_blocks.evaluation.linear_probe")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("weight_decay", [1e-2, 1e-3])
+def test_parity_with_scikit_learn_logistic_regression(weight_decay):
+    """Our float64 L-BFGS probe and scikit-learn's LogisticRegression(lbfgs) minimise the same
+    strictly convex objective (C = 1 / (weight_decay * N), multinomial, unpenalised bias), on
+    the same standardised features: the same optimum, so the same test predictions."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    lm = pytest.importorskip("sklearn.linear_model")
+    digits = datasets.load_digits()  # bundled with scikit-learn: 1,797 8x8 images, 10 classes
+    x = torch.tensor(digits.data, dtype=torch.float64)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1200], perm[1200:]
+    ours = linear_probe(x[train], y[train], x[test], y[test], weight_decay=weight_decay, max_iter=1000)
+
+    # Standardised independently of the probe: train mean and population std, constant
+    # pixels (always 0 in digits' border) left unscaled.
+    mean, std = x[train].mean(0), x[train].std(0, correction=0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    xs_train, xs_test = ((x[train] - mean) / std).numpy(), ((x[test] - mean) / std).numpy()
+    ref = lm.LogisticRegression(C=1.0 / (weight_decay * len(train)), solver="lbfgs", max_iter=5000, tol=1e-10)
+    ref.fit(xs_train, y[train].numpy())
+    ref_top1 = float((ref.predict(xs_test) == y[test].numpy()).mean())
+
+    assert abs(ours.top1 - ref_top1) <= 1.0 / len(test) + 1e-12  # at most one test image apart
+    agree = (ours.predict(x[test]).numpy() == ref.predict(xs_test)).mean()
+    assert agree >= 0.995
+    # The optimum itself: weights equal; biases equal up to the softmax's common shift.
+    torch.testing.assert_close(ours.classifier.weight.double(), torch.from_numpy(ref.coef_), rtol=0, atol=2e-3)
+    b_ours = ours.classifier.bias.double()
+    b_ref = torch.from_numpy(ref.intercept_)
+    torch.testing.assert_close(b_ours - b_ours.mean(), b_ref - b_ref.mean(), rtol=0, atol=2e-3)

@@ -6,7 +6,9 @@
   second augmented view and the VICReg term are on, so data order, augmentations, masks,
   dropout, EMA and schedules must all be restored for this to hold.
 * DDP: 3 steps on 2 gloo processes (global batch 8 = 2 x 4) give the weights of one
-  process with batch 8, for both regularisers (which gather across ranks).
+  process with batch 8, for both regularisers (which gather across ranks), with drop-path
+  and gradient accumulation on, and within the stated looser tolerance under bf16 autocast.
+* FSDP2 (``--fsdp``): the same steps as DDP, and an exact resume from the DCP checkpoint.
 * Non-finite losses skip the optimizer and EMA update, are logged, and stop the run after
   ``--nonfinite-patience`` in a row.
 """
@@ -21,6 +23,7 @@ import sys
 import pytest
 import torch
 
+from jepa_blocks import EMATarget
 from jepa_blocks.training import NonFiniteLossError, load_checkpoint
 
 pytest.importorskip("torchvision")
@@ -109,11 +112,12 @@ def test_ddp_steps_equal_single_process_on_global_batch(reg, image_folder, tiny_
     assert a["step"] == b["step"] == 3
     # Same samples, augmentations and masks; only float summation order differs (padding
     # lengths of the per-rank mask lists, the gradient all-reduce). Losses and global
-    # gradient norms agree to ~1e-7; the weights to 1e-4, i.e. 3% of the largest move
+    # gradient norms agree to ~1e-7; the weights to 3e-4, i.e. 10% of the largest move
     # AdamW can make in 3 steps at lr 1e-3: Adam divides by sqrt(v), so for parameters
-    # whose gradient is ~0 (a few LayerNorm biases) rounding noise gets a visible update.
+    # whose gradient is ~0 (a few LayerNorm biases) rounding noise gets a visible update
+    # (measured: 1.6e-4 on the final norm's bias with --reg sigreg, every other weight < 1e-5).
     for key in ("encoder", "predictor", "target"):
-        _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=1e-4)
+        _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=3e-4)
     ra, rb = _records(single), _records(ddp)
     assert ra.keys() == rb.keys() == {1, 2, 3}
     for step in ra:
@@ -144,6 +148,137 @@ def test_ddp_local_crops_equal_single_process(image_folder, tiny_args, load_exam
     for step in ra:
         for name in ("loss", "local", "grad_norm", "level0"):
             assert ra[step][name] == pytest.approx(rb[step][name], rel=1e-5, abs=1e-7), (step, name)
+
+
+def _single_and_ddp(load_example, run_gloo, common, tmp_path):
+    """Checkpoints and records of one process and of 2 gloo ranks on the same flags."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_gloo(_ddp_worker, load_example, [*common, "--out", str(ddp)], timeout=240.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_example("train_hjepa").main([*common, "--out", str(single)])
+    finally:
+        torch.set_num_threads(threads)
+    return (load_checkpoint(single / "last.pt"), load_checkpoint(ddp / "last.pt"), _records(single),
+            _records(ddp))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_with_drop_path_and_accumulation_equals_single_process(image_folder, tiny_args, load_example, run_gloo,
+                                                                   tmp_path):
+    """Drop-path draws per sample from (seed, epoch, batch, global row), and micro-batch m
+    holds the same global rows on any number of ranks, so the fp32 tolerance of the plain
+    case holds (was: drop-path reseeded with the rank, 5e-5 relative loss at step 1;
+    --accum-steps 2 grouped other samples per micro-batch, 5e-3 relative loss at step 1)."""
+    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--drop-path", "0.1",
+              "--accum-steps", "2", "--views", "2", "--reg", "vicreg", "--reg-weight", "0.5"]
+    a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
+    assert a["step"] == b["step"] == 3
+    for key in ("encoder", "predictor", "target"):
+        _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=1e-4)
+    assert ra.keys() == rb.keys() == {1, 2, 3}
+    for step in ra:
+        for name in ("loss", "reg", "grad_norm", "level0", "level1"):
+            assert ra[step][name] == pytest.approx(rb[step][name], rel=1e-5, abs=1e-7), (step, name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_under_bf16_autocast_is_within_the_stated_tolerance(image_folder, tiny_args, load_example, run_gloo,
+                                                                tmp_path):
+    """Under bf16 autocast each rank's parameter gradients come out of bf16 matmuls over its
+    own rows (rounded to bf16, relative 2**-9 per element, before DDP's float32 all-reduce),
+    so the ranks' sum differs from one process's full-batch bf16 sum by that rounding. The
+    guide states the tolerance checked here: losses to 1e-4 and gradient norms to 5e-3
+    relative, weights to 2e-3 after 3 steps at lr 1e-3."""
+    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--drop-path", "0.1",
+              "--amp", "bf16"]
+    a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
+    for key in ("encoder", "predictor", "target"):
+        _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=2e-3)
+    assert ra.keys() == rb.keys() == {1, 2, 3}
+    for step in ra:
+        assert ra[step]["loss"] == pytest.approx(rb[step]["loss"], rel=1e-4), step
+        assert ra[step]["grad_norm"] == pytest.approx(rb[step]["grad_norm"], rel=5e-3), step
+
+
+def _dcp_to_dict(path) -> dict:
+    """A ``last.dcp`` folder as one plain dict (full tensors; the pickled rest unpacked)."""
+    import io
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = path.parent / (path.name + ".pt")
+    dcp_to_torch_save(str(path), str(flat))
+    state = torch.load(flat, weights_only=False)
+    plain = torch.load(io.BytesIO(state.pop("plain")), weights_only=False)
+    return {**plain, **state}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_steps_equal_ddp_and_resume_exactly(image_folder, tiny_args, load_example, run_gloo, tmp_path):
+    """--fsdp (FSDP2 fully_shard of encoder, predictor and EMA target on 2 gloo ranks) takes
+    the DDP steps: the same float32 arithmetic up to summation order (the gradient
+    reduce-scatter instead of all-reduce, the sharded gradient norm), so weights agree to
+    1e-4 and losses to 1e-5 as DDP and one process do. A run stopped after 2 steps and
+    resumed from its DCP checkpoint ends bitwise equal to an uninterrupted one."""
+    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "4", "--drop-path", "0.1",
+              "--eval-every", "2"]
+    ddp, full, parts = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "parts"
+    run_gloo(_ddp_worker, load_example, [*common, "--out", str(ddp)], timeout=240.0)
+    run_gloo(_ddp_worker, load_example, [*common, "--fsdp", "--out", str(full)], timeout=240.0)
+    run_gloo(_ddp_worker, load_example, [*common, "--fsdp", "--out", str(parts), "--stop-at", "2"], timeout=240.0)
+    assert (parts / "last.dcp").is_dir() and not (parts / "last.pt").exists()
+    run_gloo(_ddp_worker, load_example, [*common, "--fsdp", "--out", str(parts), "--resume"], timeout=240.0)
+
+    a, f, p = load_checkpoint(ddp / "last.pt"), _dcp_to_dict(full / "last.dcp"), _dcp_to_dict(parts / "last.dcp")
+    assert a["step"] == f["step"] == p["step"] == 4
+    for key in ("encoder", "predictor", "target"):
+        _assert_states_equal(a[key], f[key], exact=False, rtol=0.0, atol=1e-4)
+        _assert_states_equal(f[key], p[key], exact=True)
+    _assert_states_equal(f["optimizer"], p["optimizer"], exact=True)
+    ra, rf = _records(ddp), _records(full)
+    assert ra.keys() == rf.keys() == {1, 2, 3, 4}
+    for step in ra:
+        for name in ("loss", "grad_norm", "level0", "level1"):
+            assert ra[step][name] == pytest.approx(rf[step][name], rel=1e-5, abs=1e-7), (step, name)
+    assert _losses(full) == _losses(parts)
+
+
+def test_micro_batches_follow_the_global_batch_order(load_example):
+    """Micro-batch m of all ranks together holds global rows [m B / M, (m + 1) B / M) of each
+    global batch, whatever the number of ranks; one micro-batch is ResumableSampler."""
+    from jepa_blocks.training import ResumableSampler
+
+    runtime = load_example("runtime")
+    n, batch, micro = 40, 8, 2
+    one = runtime.MicroBatchSampler(n, global_batch_size=batch, seed=3, micro_batches=micro)
+    one.set_epoch(1, start_batch=1)
+    reference = [i for i, _ in one]
+    for world in (1, 2, 4):
+        shares = [runtime.MicroBatchSampler(n, global_batch_size=batch, seed=3, rank=r, world_size=world,
+                                            micro_batches=micro) for r in range(world)]
+        per_rank = []
+        for s in shares:
+            s.set_epoch(1, start_batch=1)
+            per_rank.append([key for key in s])
+        local = batch // world
+        for b in range(len(reference) // batch):
+            for m in range(micro):
+                rows = [k for r, s in enumerate(shares) for k in per_rank[r][b * local:(b + 1) * local]
+                        [m * local // micro:(m + 1) * local // micro]]
+                assert [i for i, _ in rows] == reference[b * batch + m * batch // micro:
+                                                         b * batch + (m + 1) * batch // micro]
+                assert all(s.micro_rows(m).start == m * batch // micro + r * local // micro
+                           for r, s in enumerate(shares))
+    plain = ResumableSampler(n, global_batch_size=batch, rank=1, world_size=2, seed=3)
+    same = runtime.MicroBatchSampler(n, global_batch_size=batch, rank=1, world_size=2, seed=3, micro_batches=1)
+    assert list(plain) == list(same)
+    with pytest.raises(ValueError, match="micro-batches"):
+        runtime.MicroBatchSampler(n, global_batch_size=batch, world_size=2, micro_batches=3)
 
 
 def _counting(fn):
@@ -177,9 +312,9 @@ def test_nonfinite_loss_skips_optimizer_and_ema(image_folder, tiny_args, load_ex
     train = load_example("train_hjepa")
     _nan_loss_at(train, monkeypatch, lambda n: n in (2, 3))
     opt_step = _counting(torch.optim.AdamW.step)
-    ema_update = _counting(train.EMATarget.update)
+    ema_update = _counting(EMATarget.update)
     monkeypatch.setattr(torch.optim.AdamW, "step", opt_step)
-    monkeypatch.setattr(train.EMATarget, "update", ema_update)
+    monkeypatch.setattr(EMATarget, "update", ema_update)
 
     result = train.main([*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--out", str(tmp_path)])
     assert result["steps"] == 3

@@ -147,3 +147,18 @@ def test_a_new_term_plugs_in_with_one_registry_line(image_folder, tiny_args, loa
     train.main([*tiny_args, *RUN, "--data", str(image_folder), "--out", str(tmp_path), "--max-steps", "2"])
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["token_norm"] > 0 for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize(("reg", "key"), [("sigreg", "terms.reg.loss.step"),
+                                          ("lejepa", "terms.lejepa.loss.sigreg.step")])
+def test_sigreg_directions_advance_once_per_optimizer_step(reg, key, image_folder, tiny_args, load_example,
+                                                           tmp_path):
+    """With 2 micro-batches per step the SIGReg step still counts optimizer steps (it
+    counted micro-batch calls before issue 13), so both micro-batches share directions."""
+    from jepa_blocks.training import load_checkpoint
+
+    train = load_example("train_hjepa")
+    views = ["--views", "2"] if reg == "lejepa" else []
+    train.main([*tiny_args, *RUN, *views, "--data", str(image_folder), "--out", str(tmp_path), "--max-steps", "3",
+                "--accum-steps", "2", "--reg", reg])
+    assert int(load_checkpoint(tmp_path / "last.pt")["terms"][key]) == 3

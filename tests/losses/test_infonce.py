@@ -140,7 +140,7 @@ def _drive(module: InfoNCELoss, optimizer, direction: str, steps: int) -> list[f
     pull = 1e6 if direction == "down" else -1e6
     seen = []
     for _ in range(steps):
-        loss, terms = module(q, k)
+        loss, terms = module(q, k, return_terms=True)
         optimizer.zero_grad()
         (loss + pull * module.temperature_tensor()).backward()
         optimizer.step()
@@ -171,7 +171,7 @@ def test_gradient_reaches_temperature_chain_rule():
     lo, hi = 0.05, 0.2
     module = InfoNCELoss(init_temperature=0.11, temperature_range=(lo, hi)).double()
     q, k = _rand(6, 5, seed=2), _rand(6, 5, seed=3)
-    loss, terms = module(q, k)
+    loss, terms = module(q, k, return_terms=True)
     loss.backward()
     grad = module.temperature_logit.grad
     assert grad is not None and float(grad) != 0.0
@@ -181,7 +181,7 @@ def test_gradient_reaches_temperature_chain_rule():
     s = torch.sigmoid(module.temperature_logit.detach())
     expected = t.grad * (hi - lo) * s * (1 - s)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=0.0)
-    out = module(q, k)
+    out = module(q, k, return_terms=True)
     assert isinstance(out, LossOutput) and not out.terms["temperature"].requires_grad
 
 
@@ -191,7 +191,7 @@ def test_fixed_temperature_and_state_dict():
     assert "temperature_logit" in fixed.state_dict()
     assert math.isclose(fixed.temperature, 0.1, rel_tol=1e-6)
     q, k = _rand(5, 3, seed=4, dtype=torch.float32), _rand(5, 3, seed=5, dtype=torch.float32)
-    loss, terms = fixed(q, k)
+    loss, terms = fixed(q, k, return_terms=True)
     torch.testing.assert_close(loss, info_nce_loss(q, k, temperature=0.1, symmetric=True))
     # A learnable module restores a trained temperature from a state_dict.
     trained = InfoNCELoss()
@@ -205,13 +205,13 @@ def test_fixed_temperature_and_state_dict():
 def test_low_precision_and_autocast():
     q, k = _rand(16, 8, seed=6, dtype=torch.float32), _rand(16, 8, seed=7, dtype=torch.float32)
     module = InfoNCELoss()
-    ref = module(q, k).total
+    ref = module(q, k)
     for dtype in (torch.bfloat16, torch.float16):
         qb = q.to(dtype).requires_grad_(True)
-        out, terms = module(qb, k.to(dtype))
+        out, terms = module(qb, k.to(dtype), return_terms=True)
         assert out.dtype == torch.float32 and terms["temperature"].dtype == torch.float32
         torch.testing.assert_close(
-            out, module(qb.detach().float(), k.to(dtype).float()).total, rtol=1e-6, atol=1e-6
+            out, module(qb.detach().float(), k.to(dtype).float()), rtol=1e-6, atol=1e-6
         )
         torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
         out.backward()
@@ -219,7 +219,7 @@ def test_low_precision_and_autocast():
         fn = info_nce_loss(q.to(dtype), k.to(dtype), temperature=0.1)
         assert fn.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = module(q, k).total
+        out = module(q, k)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
@@ -303,14 +303,14 @@ def _worker_infonce(rank: int, world: int) -> None:
                 init_temperature=0.09, symmetric=symmetric, gather_distributed=True
             ).double()
             xq = x_q[sl].clone().requires_grad_(True)
-            loss, _ = module(xq @ weight, x_k[sl] @ weight)
+            loss = module(xq @ weight, x_k[sl] @ weight)
             loss.backward()
             grads = {"weight": weight.grad.clone(), "theta": module.temperature_logit.grad.clone()}
             # The temperature gradient is already the global one on every rank.
             ref_module = InfoNCELoss(init_temperature=0.09, symmetric=symmetric).double()
             ref_w = weight.detach().clone().requires_grad_(True)
             ref_xq = x_q.clone().requires_grad_(True)
-            ref, _ = ref_module(ref_xq @ ref_w, x_k @ ref_w)
+            ref = ref_module(ref_xq @ ref_w, x_k @ ref_w)
             ref.backward()
             torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
             assert _rel_err(grads["theta"], ref_module.temperature_logit.grad) <= 1e-6

@@ -79,7 +79,7 @@ def test_level_weights_and_terms():
     custom = latent_prediction_loss(preds[:2], targs[:2], valid[:2], level_weights=(0.0, 2.0, 9.0))
     torch.testing.assert_close(custom.total, 2.0 * t["level1"])
     module = LatentPredictionLoss(level_weights=(1.0, 0.7, 0.5))
-    loss, terms = module(preds, targs, valid)
+    loss, terms = module(preds, targs, valid, return_terms=True)
     torch.testing.assert_close(loss, out.total, rtol=0, atol=0)
 
 

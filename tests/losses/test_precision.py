@@ -45,11 +45,11 @@ _CASES = {
         ((4, 6, 8), (4, 6, 8)),
     ),
     "LatentPredictionLoss": (
-        lambda p0, t0, p1, t1: LatentPredictionLoss(loss_type="l2")([p0, p1], [t0, t1]),
+        lambda p0, t0, p1, t1: LatentPredictionLoss(loss_type="l2")([p0, p1], [t0, t1], return_terms=True),
         ((4, 6, 8), (4, 6, 8), (4, 3, 8), (4, 3, 8)),
     ),
     "vicreg_loss": (vicreg_loss, _PAIR),
-    "VICRegLoss": (lambda a, b: VICRegLoss()(a, b), ((16, 40), (16, 40))),  # Gram path N < D
+    "VICRegLoss": (lambda a, b: VICRegLoss()(a, b, return_terms=True), ((16, 40), (16, 40))),  # Gram path N < D
     "invariance_loss": (invariance_loss, _PAIR),
     "variance_loss": (variance_loss, ((64, 16),)),
     "covariance_loss": (covariance_loss, ((64, 16),)),
@@ -61,11 +61,11 @@ _CASES = {
     "lejepa_loss": (lejepa_loss, ((), ())),
     "lejepa_view_loss": (lambda z: lejepa_view_loss(z, sigreg=SIGRegLoss(num_directions=32).eval()).total,
                          ((2, 64, 16),)),
-    "LeJEPALoss": (lambda z: LeJEPALoss(num_directions=32).eval()(z), ((3, 64, 16),)),
+    "LeJEPALoss": (lambda z: LeJEPALoss(num_directions=32).eval()(z, return_terms=True), ((3, 64, 16),)),
     "ntxent_loss": (ntxent_loss, _PAIR),
     "NTXentLoss": (lambda a, b: NTXentLoss(temperature=0.2)(a, b), _PAIR),
     "info_nce_loss": (lambda q, k: info_nce_loss(q, k, symmetric=True), _PAIR),
-    "InfoNCELoss": (lambda q, k: InfoNCELoss()(q, k), _PAIR),
+    "InfoNCELoss": (lambda q, k: InfoNCELoss()(q, k, return_terms=True), _PAIR),
 }
 
 # Public names of jepa_blocks.losses that are not losses.

@@ -294,6 +294,60 @@ def test_module_step_advances_and_round_trips():
     )
 
 
+def test_explicit_step_counts_optimizer_steps_not_calls():
+    """Two calls in one optimizer step (micro-batches, views) use the same directions, and
+    the step moves only when told: once per optimizer step."""
+    x = _rand(20, 6, seed=19)
+    loss = SIGRegLoss(num_directions=16, seed=3, auto_step=False)
+    for opt_step in range(3):
+        a, b = loss(x), loss(x[:10])
+        assert int(loss.step) == opt_step
+        directions = sigreg_directions(6, 16, seed=3, step=opt_step, dtype=F64)
+        torch.testing.assert_close(a, sigreg(x, directions=directions))
+        torch.testing.assert_close(b, sigreg(x[:10], directions=directions))
+        loss.advance()
+    assert int(loss.step) == 3
+    loss.set_step(7)
+    torch.testing.assert_close(
+        loss(x), sigreg(x, directions=sigreg_directions(6, 16, seed=3, step=7, dtype=F64))
+    )
+    loss.advance(2)
+    assert int(loss.step) == 9 and "auto_step=False" in repr(loss)
+    # set_step gives the auto-stepping module the same sequence as the manual one.
+    auto = SIGRegLoss(num_directions=16, seed=3)
+    auto.set_step(9)
+    assert torch.equal(auto(x), loss(x)) and int(auto.step) == 10
+    with pytest.raises(ValueError, match="step"):
+        loss.set_step(-1)
+    with pytest.raises(ValueError, match="num_steps"):
+        loss.advance(-1)
+    with pytest.raises(TypeError, match="auto_step"):
+        SIGRegLoss(auto_step=1)  # type: ignore[arg-type]
+
+
+def test_lightly_argument_names_are_aliases():
+    a = SIGRegLoss(num_vectors=12, knots=9)
+    assert (a.num_directions, a.num_knots) == (12, 9)
+    x = _rand(16, 4, seed=3)
+    assert torch.equal(a.eval()(x), SIGRegLoss(num_directions=12, num_knots=9).eval()(x))
+    with pytest.raises(TypeError, match="num_directions.*num_vectors"):
+        SIGRegLoss(num_directions=12, num_vectors=12)
+    with pytest.raises(TypeError, match="num_knots.*knots"):
+        SIGRegLoss(knots=17, num_knots=17)
+    with pytest.raises(ValueError, match="num_knots"):  # aliases are range-checked as ours
+        SIGRegLoss(knots=1)
+
+
+def test_module_returns_tensor_and_terms():
+    loss = SIGRegLoss(num_directions=8).eval()
+    x = _rand(16, 4, seed=4)
+    value = loss(x)
+    assert isinstance(value, torch.Tensor) and value.ndim == 0
+    assert torch.equal(loss.last_terms["sigreg"], value)
+    total, terms = loss(x, return_terms=True)
+    assert torch.equal(total, value) and torch.equal(terms["sigreg"], value)
+
+
 def test_module_views_and_chunk():
     x = _rand(2, 24, 5, seed=20).requires_grad_(True)
     plain = SIGRegLoss(num_directions=40).eval()(x)
@@ -407,3 +461,64 @@ def _worker_sigreg(rank: int, world: int) -> None:
 @pytest.mark.distributed
 def test_gloo_global_value_and_ddp_gradients(run_gloo):
     run_gloo(_worker_sigreg)
+
+
+# ---- the direction draw and its cache (issue 15) ------------------------------------------
+
+sigreg_impl = __import__("jepa_blocks.losses.sigreg", fromlist=["_raw_directions"])
+
+
+def test_direction_draw_is_standard_normal():
+    a = sigreg_impl._raw_directions(512, 512, 0, 0).flatten().double()
+    n = a.numel()
+    # mean, variance and kurtosis of 262,144 N(0, 1) draws, 6 standard errors
+    assert abs(float(a.mean())) < 6 / math.sqrt(n)
+    assert abs(float(a.var()) - 1) < 6 * math.sqrt(2 / n)
+    assert abs(float((a**4).mean()) - 3) < 6 * math.sqrt(96 / n)
+    # unit directions: the mean |cos| between two of them is about sqrt(2 / (pi D))
+    u = sigreg_directions(512, 64, seed=0, step=0)
+    cos = (u.T @ u)[~torch.eye(64, dtype=torch.bool)].abs().mean()
+    assert abs(float(cos) - math.sqrt(2 / (math.pi * 512))) < 0.005
+
+
+def test_directions_cached_per_step(monkeypatch):
+    calls = []
+    real = sigreg_impl._raw_directions
+    monkeypatch.setattr(
+        sigreg_impl, "_raw_directions", lambda *args: calls.append(args) or real(*args)
+    )
+    sigreg_impl._CACHE.clear()
+    loss = SIGRegLoss(num_directions=8, seed=5, auto_step=False)
+    x = _rand(2, 12, 4, seed=30)
+    first = loss(x)
+    again = [loss(x[0]), loss(x[1]), sigreg_directions(4, 8, seed=5, step=0, dtype=F64)]
+    assert len(calls) == 1  # one draw for the calls of one step
+    torch.testing.assert_close(first, (again[0] + again[1]) / 2)
+    loss.advance()
+    loss(x)
+    assert len(calls) == 2  # a new step draws new directions
+    assert len(sigreg_impl._CACHE) <= sigreg_impl._CACHE_SIZE
+
+
+def test_directions_cached_in_inference_mode_work_with_autograd():
+    sigreg_impl._CACHE.clear()
+    loss = SIGRegLoss(num_directions=8, seed=6, auto_step=False)
+    x = _rand(12, 4, seed=31, dtype=torch.float32)
+    with torch.inference_mode():
+        loss(x)  # fills the cache inside inference mode
+    z = x.clone().requires_grad_(True)
+    loss(z).backward()  # the cached directions are saved for backward
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_gradient_reaches_explicit_directions():
+    # The normalisation is folded into the projections; its gradient must still reach a.
+    x = _rand(10, 3, seed=32)
+    a = _rand(3, 5, seed=33).requires_grad_(True)
+    sigreg(x, directions=a).backward()
+    a_ref = a.detach().clone().requires_grad_(True)
+    _slow_sigreg(x, a_ref).backward()
+    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda d: sigreg(x[:6], directions=d), (_rand(3, 4, seed=34).requires_grad_(True),)
+    )

@@ -91,7 +91,7 @@ def test_output_type_weights_and_module():
     expected = 2.0 * t["invariance"] + 3.0 * t["variance"] + 0.5 * t["covariance"]
     torch.testing.assert_close(out.total, expected)
     module = VICRegLoss(lambda_param=2.0, mu_param=3.0, nu_param=0.5)
-    loss, terms = module(x, y)
+    loss, terms = module(x, y, return_terms=True)
     torch.testing.assert_close(loss, out.total, rtol=0, atol=0)
     assert "lambda_param=2.0" in repr(module)
 
@@ -203,6 +203,58 @@ def test_bad_inputs_name_the_argument():
         VICRegLoss()(x, x[:, :2])
 
 
+def _lightly_tokens(x, y, lam=25.0, mu=25.0, nu=1.0, eps=1e-4):
+    """VICReg of (N, T, D) pairs as lightly's VICRegLoss writes it (VICRegL): variance over
+    dim 0 per (t, d), covariance per position t by einsum and a mask, means over T."""
+    inv = ((x - y) ** 2).mean()
+
+    def var(z):
+        return torch.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+    def cov(z):
+        zc = z - z.mean(dim=0)
+        n, d = z.shape[0], z.shape[-1]
+        c = torch.einsum("btc,btd->tcd", zc, zc) / (n - 1)
+        off = ~torch.eye(d, dtype=torch.bool)
+        return (c[:, off] ** 2).sum(-1).div(d).mean()
+
+    return lam * inv + mu * (var(x) + var(y)) / 2 + nu * (cov(x) + cov(y))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(2, 7),
+    t=st.integers(1, 4),
+    d=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_tokens_match_lightly_and_mean_over_positions(n, t, d, seed):
+    x = _rand(n, t, d, seed=seed).requires_grad_(True)
+    y = _rand(n, t, d, seed=seed + 1) * 0.7 + 0.2
+    criterion = VICRegLoss()
+    loss = criterion(x, y)
+    torch.testing.assert_close(loss, _lightly_tokens(x, y), rtol=1e-10, atol=1e-12)
+    per_position = [vicreg_loss(x[:, i], y[:, i]) for i in range(t)]
+    torch.testing.assert_close(loss, sum(o.total for o in per_position) / t, rtol=1e-10, atol=1e-12)
+    for name in ("invariance", "variance", "covariance"):
+        mean_term = sum(o.terms[name] for o in per_position) / t
+        torch.testing.assert_close(criterion.last_terms[name], mean_term, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_token_inputs_are_checked():
+    x = _rand(4, 3, 5)
+    with pytest.raises(ValueError, match="z_b"):
+        VICRegLoss()(x, x[:, :2])
+    with pytest.raises(ValueError, match="z_a"):
+        VICRegLoss()(x[:1], x[:1])
+    with pytest.raises(ValueError, match="z_a"):
+        VICRegLoss()(x[None], x[None])  # 4-D
+    with pytest.raises(ValueError, match="z_b"):
+        VICRegLoss()(x, x.flatten(1))  # 3-D against 2-D
+
+
 # ---- two gloo processes ------------------------------------------------------------------
 
 
@@ -214,7 +266,7 @@ def _worker_vicreg(rank: int, world: int) -> None:
         sl = slice(start, start + sizes[rank])
         x = full_x[sl].clone().requires_grad_(True)
         y = full_y[sl].clone().requires_grad_(True)
-        out = VICRegLoss(gather_distributed=True)(x, y)
+        out = VICRegLoss(gather_distributed=True)(x, y, return_terms=True)
         out.total.backward()
         rx, ry = full_x.clone().requires_grad_(True), full_y.clone().requires_grad_(True)
         ref = vicreg_loss(rx, ry)

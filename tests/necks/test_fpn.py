@@ -253,3 +253,17 @@ def test_modules_and_repr():
     assert isinstance(neck.output[0], nn.Conv2d) and neck.output[0].kernel_size == (3, 3)
     assert "concat" in repr(neck)
     assert FPNNeck(in_channels=[8]).fuse is None
+
+
+def test_device_mismatch_is_rejected_and_meta_propagates_shapes():
+    """Features on another device than the weights raise naming the level and both
+    devices (a metadata check); all on ``meta``, the neck propagates shapes."""
+    neck = FPNNeck(in_channels=[4, 8], out_channels=4)
+    feats = [torch.randn(2, 4, 4, 4), torch.randn(2, 8, 2, 2)]
+    with pytest.raises(ValueError, match=r"features\[1\] must be on .*\(cpu\), got a tensor on meta"):
+        neck([feats[0], feats[1].to("meta")])
+    neck = neck.to("meta")
+    with pytest.raises(ValueError, match=r"features\[0\] must be on .*\(meta\), got a tensor on cpu"):
+        neck(feats)
+    maps = neck([f.to("meta") for f in feats])
+    assert [tuple(m.shape) for m in maps] == [(2, 4, 4, 4), (2, 4, 2, 2)]

@@ -277,3 +277,34 @@ def test_bad_functional_inputs_name_the_argument():
         attention_pool(q.double(), k, v)
     with pytest.raises(TypeError, match="allow_empty"):
         attention_pool(q, k, v, allow_empty=0)
+
+
+def test_nan_in_a_real_token_is_rejected_or_stays_in_its_sample():
+    """NaN/Inf in a real token: ValueError naming x while value checks are on; with them
+    off it reaches only the output of its own sample (documented pass-through)."""
+    pool = AttentionPool(dim=8, num_heads=2)
+    x = torch.randn(2, 4, 8)
+    valid = torch.tensor([[True, True, False, False], [True] * 4])
+    x[0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="x must be finite"):
+        pool(x, valid)
+    with pytest.raises(ValueError, match="values must be finite"):
+        attention_pool(torch.randn(1, 8), torch.randn(2, 4, 8), x, valid, num_heads=2)
+    with value_checks(False):
+        out = pool(x, valid)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    x[0, 1, 3] = 0.0
+    x[0, 2:] = float("inf")  # padded: ignored, no error
+    assert torch.isfinite(pool(x, valid)).all()
+
+
+def test_meta_module_and_meta_inputs_propagate_shapes():
+    """The device check compares devices only: a module and inputs all on ``meta`` (shape
+    propagation, memory planning) run, and the value checks skip the data-less tensors."""
+    pool = AttentionPool(dim=8, num_queries=2, num_heads=2, out_dim=4).to("meta")
+    x = torch.empty(3, 5, 8, device="meta")
+    valid = torch.ones(3, 5, dtype=torch.bool, device="meta")
+    out = pool(x, valid)
+    assert out.device.type == "meta" and out.shape == (3, 2, 4)
+    with pytest.raises(ValueError, match=r"valid must be on the device .*\(meta\), got a tensor on cpu"):
+        pool(x, torch.ones(3, 5, dtype=torch.bool))

@@ -139,3 +139,16 @@ def test_bad_forward_args():
         rope(torch.randn(1, 1, 4, 12), q, positions=torch.rand(4, 2))
     with pytest.raises(TypeError, match="positions"):
         rope(q, q, positions=torch.zeros(4, 2, dtype=torch.long))
+
+
+def test_inputs_on_two_devices_are_rejected_and_meta_propagates_shapes():
+    """k and positions must be on the device of q (a metadata check, ValueError naming the
+    argument and both devices); all on ``meta``, shapes propagate."""
+    rope = RoPE2D(head_dim=8)
+    q, pos = torch.randn(2, 2, 3, 8), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"positions must be on the device of q \(cpu\), got a tensor on meta"):
+        rope(q, q, positions=pos.to("meta"))
+    with pytest.raises(ValueError, match=r"k must be on the device of q \(meta\), got a tensor on cpu"):
+        rope(q.to("meta"), q, positions=pos)
+    q2, k2 = rope(q.to("meta"), q.to("meta"), positions=pos.to("meta"))
+    assert q2.device.type == "meta" and q2.shape == q.shape and k2.shape == q.shape

@@ -14,6 +14,7 @@ from jepa_blocks.positional.sincos import sincos_2d
 from jepa_blocks.predictors import HierarchicalPredictor
 
 EMBED = 32
+MODES = ["per_block", "shared_context"]
 
 
 def level_grid(grid, level):
@@ -54,6 +55,16 @@ def make_model(grid, num_levels=1, **kw):
     return HierarchicalPredictor(**defaults)
 
 
+def scale_up_blocks(model, factor=10.0):
+    """Larger transformer weights than the init (std 0.02), so that attention is far from
+    uniform and the residual branches matter: a reference mismatch cannot hide."""
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            if p.ndim == 2:
+                p.mul_(factor)
+    return model
+
+
 def valid_slots(out, t):
     """Outputs at real target slots, as a flat (n, D) tensor."""
     return out[t.valid]
@@ -62,13 +73,14 @@ def valid_slots(out, t):
 # --------------------------------------------------------------------------- shapes
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
 @pytest.mark.parametrize(
     "grid,num_levels,batch",
     [((4, 4), 1, 1), ((8, 8), 2, 3), ((7, 7), 3, 2), ((6, 8), 3, 2), ((5, 4), 2, 1)],
 )
-def test_output_shapes(pos_embed, grid, num_levels, batch):
-    model = make_model(grid, num_levels, pos_embed=pos_embed, out_dim=[8, 12, 16][:num_levels])
+def test_output_shapes(mode, pos_embed, grid, num_levels, batch):
+    model = make_model(grid, num_levels, pos_embed=pos_embed, out_dim=[8, 12, 16][:num_levels], mode=mode)
     context, ctx, targets = make_inputs(grid, num_levels, batch, flat=(1,))
     out = model(context, context_indices=ctx, targets=targets)
     assert isinstance(out, list) and len(out) == num_levels
@@ -88,9 +100,10 @@ def test_output_shapes_property(h, w, batch, data):
     max_levels = 1 + math.ceil(math.log2(max(h, w)))
     num_levels = data.draw(st.integers(1, min(max_levels, 3)))
     pos_embed = data.draw(st.sampled_from(["sincos", "rope"]))
+    mode = data.draw(st.sampled_from(MODES))
     blocks = tuple(data.draw(st.integers(1, 3)) for _ in range(num_levels))
     seed = data.draw(st.integers(0, 2**16))
-    model = make_model((h, w), num_levels, pos_embed=pos_embed, depth=1)
+    model = make_model((h, w), num_levels, pos_embed=pos_embed, depth=1, mode=mode)
     context, ctx, targets = make_inputs((h, w), num_levels, batch, blocks=blocks,
                                         gen=torch.Generator().manual_seed(seed))
     out = model(context, context_indices=ctx, targets=targets)
@@ -112,14 +125,20 @@ def test_single_level_accepts_plain_mask_indices_and_tensors():
     assert out[0].shape == (2, 1, 3, EMBED)
 
 
-def test_empty_target_lists_give_empty_outputs():
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_target_lists_give_empty_outputs(mode):
     grid = (4, 4)
-    model = make_model(grid, 2)
+    model = make_model(grid, 2, mode=mode)
     context, ctx, _ = make_inputs(grid, 2, 2)
     t0 = MaskIndices(torch.zeros(2, 3, 0, dtype=torch.long), torch.zeros(2, 3, 0, dtype=torch.bool))
     t1 = MaskIndices(torch.zeros(2, 0, 4, dtype=torch.long), torch.zeros(2, 0, 4, dtype=torch.bool))
     out = model(context, context_indices=ctx, targets=[t0, t1])
     assert out[0].shape == (2, 3, 0, EMBED) and out[1].shape == (2, 0, 4, EMBED)
+    # One level empty, the other not.
+    t1 = MaskIndices(torch.tensor([[[0, 3]], [[1, 2]]]), torch.ones(2, 1, 2, dtype=torch.bool))
+    out = model(context, context_indices=ctx, targets=[t0, t1])
+    assert out[0].shape == (2, 3, 0, EMBED) and out[1].shape == (2, 1, 2, EMBED)
+    assert torch.isfinite(out[1]).all()
 
 
 def test_doctest_example_runs():
@@ -129,8 +148,11 @@ def test_doctest_example_runs():
 # --------------------------------------------------------------------------- parity
 
 
-def reference_forward(model, context, ctx, targets, grid):
-    """Per-sample, per-block loop over unpadded sequences, positions computed from scratch."""
+def reference_forward(model, context, ctx, targets, grid, *, shared_context=False):
+    """Per-sample, per-block loop over unpadded sequences, positions computed from scratch.
+
+    ``shared_context=True``: the semantics of ``mode="shared_context"``, the same loop with
+    the context rows attending to the context columns only (an explicit (N, N) mask)."""
     outs = []
     for lvl, t in enumerate(targets):
         t3 = MaskIndices(t.indices[:, None], t.valid[:, None]) if t.indices.ndim == 2 else t
@@ -160,8 +182,13 @@ def reference_forward(model, context, ctx, targets, grid):
                     seq = seq + sincos_2d(pos, model.predictor_dim).to(seq.dtype)
                 else:
                     rope = model.rope.cos_sin(pos)
+                mask = None
+                if shared_context:
+                    n, nc = seq.shape[1], len(c_ids)
+                    mask = torch.ones(1, 1, n, n, dtype=torch.bool)
+                    mask[..., :nc, nc:] = False  # context rows do not see the queries
                 for block in model.blocks:
-                    seq = block(seq, rope=rope)
+                    seq = block(seq, rope=rope, attn_mask=mask)
                 pred = model.heads[lvl](model.norm(seq[0, len(c_ids):]))
                 out[b, m, : len(q_ids)] = pred
         outs.append(out[:, 0] if t.indices.ndim == 2 else out)
@@ -181,13 +208,121 @@ def test_matches_per_block_reference(pos_embed, grid, num_levels):
         torch.testing.assert_close(valid_slots(o, t), valid_slots(r, t), rtol=1e-5, atol=1e-5)
 
 
-# --------------------------------------------------------------------------- gradients
+# --------------------------------------------------------------------------- shared-context mode
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_gradients_reach_context_mask_tokens_and_heads(pos_embed):
+@pytest.mark.parametrize("grid,num_levels,call_grid,call_levels", [
+    ((7, 7), 3, None, None),
+    ((6, 8), 2, None, None),
+    ((8, 8), 3, (5, 6), 2),  # grid_size= and num_levels= at forward
+    ((8, 8), 3, (3, 4), 1),
+])
+def test_shared_context_matches_its_per_block_reference(pos_embed, grid, num_levels, call_grid, call_levels):
+    model = make_model(grid, num_levels, pos_embed=pos_embed, out_dim=[8, 12, 16][:num_levels],
+                       mode="shared_context").double()
+    scale_up_blocks(model)
+    g = call_grid or grid
+    levels = call_levels or num_levels
+    context, ctx, targets = make_inputs(g, levels, 3, blocks=(3, 2, 1), flat=(1,), dtype=torch.float64)
+    with torch.no_grad():
+        out = model(context, context_indices=ctx, targets=targets, grid_size=call_grid, num_levels=call_levels)
+        ref = reference_forward(model, context, ctx, targets, g, shared_context=True)
+        other = reference_forward(model, context, ctx, targets, g)  # per-block semantics
+    assert len(out) == levels
+    for o, r, x, t in zip(out, ref, other, targets, strict=True):
+        torch.testing.assert_close(valid_slots(o, t), valid_slots(r, t), rtol=1e-5, atol=1e-5)
+        # Not the per-block mode: there the context also attends to the queries.
+        assert (valid_slots(o, t) - valid_slots(x, t)).abs().max() > 1e-3  # 100 x the tolerance
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+def test_shared_context_gradients_match_the_reference(pos_embed):
     grid = (6, 8)
-    model = make_model(grid, 3, pos_embed=pos_embed)
+    model = make_model(grid, 3, pos_embed=pos_embed, mode="shared_context", depth=3,
+                       layer_scale_init=0.3).double()
+    scale_up_blocks(model, 5.0)
+    context, ctx, targets = make_inputs(grid, 3, 2, flat=(2,), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(*t.shape, EMBED, generator=gen, dtype=torch.float64) * t.valid[..., None]
+               for t in targets]
+    grads = []
+    for run in (model, lambda *a, **k: reference_forward(model, *a[:1], k["context_indices"],
+                                                          k["targets"], grid, shared_context=True)):
+        model.zero_grad()
+        x = context.clone().requires_grad_(True)
+        out = run(x, context_indices=ctx, targets=targets)
+        sum((o * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+        grads.append((x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (g1, p1), (g2, p2) = grads
+    # Tolerance: float32 position tables in the model, float64 in the reference.
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6 * float(g2.abs().max()))
+    assert (g1[~ctx.valid] == 0).all()  # padded context tokens get nothing
+    for name in p1:
+        assert p2[name].abs().max() > 0, name  # every parameter takes part
+        torch.testing.assert_close(p1[name], p2[name], rtol=1e-5, atol=1e-6 * float(p2[name].abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    pos_embed=st.sampled_from(["sincos", "rope"]),
+    blocks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    level=st.integers(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_shared_context_block_alone_equals_block_among_others(pos_embed, blocks, level, seed):
+    """Each block's prediction is a function of the context and that block only: running it
+    alone (every other block and level removed) or among new random blocks gives the same."""
+    grid = (6, 6)
+    model = make_model(grid, 2, pos_embed=pos_embed, mode="shared_context", depth=2).double()
+    gen = torch.Generator().manual_seed(seed)
+    context, ctx, targets = make_inputs(grid, 2, 2, blocks=blocks, gen=gen, dtype=torch.float64)
+    j = int(torch.randint(0, targets[level].shape[1], (1,), generator=gen))
+    with torch.no_grad():
+        out = model(context, context_indices=ctx, targets=targets)[level][:, j]
+        t = targets[level]
+        alone = [MaskIndices(torch.zeros(2, 0, 1, dtype=torch.long), torch.zeros(2, 0, 1, dtype=torch.bool))] * 2
+        alone[level] = MaskIndices(t.indices[:, j : j + 1], t.valid[:, j : j + 1])
+        out_alone = model(context, context_indices=ctx, targets=alone)[level][:, 0]
+        # Other blocks replaced by new random ones (other ids, positions and lengths).
+        new = [random_lists((2, 3), 36 if lvl == 0 else 9, p=0.5, gen=gen) for lvl in range(2)]
+        k = max(new[level].shape[-1], t.shape[-1])
+        ids = torch.nn.functional.pad(new[level].indices, (0, k - new[level].shape[-1]))
+        valid = torch.nn.functional.pad(new[level].valid, (0, k - new[level].shape[-1]), value=False)
+        ids[:, 1, : t.shape[-1]], valid[:, 1] = t.indices[:, j], False
+        valid[:, 1, : t.shape[-1]] = t.valid[:, j]
+        new[level] = MaskIndices(ids, valid)
+        out_among = model(context, context_indices=ctx, targets=new)[level][:, 1, : t.shape[-1]]
+    v = t.valid[:, j]
+    torch.testing.assert_close(out_alone[v], out[v])
+    torch.testing.assert_close(out_among[v], out[v])
+
+
+def test_modes_share_parameters_and_mode_is_checked():
+    per_block = make_model((6, 6), 2)
+    shared = make_model((6, 6), 2, mode="shared_context")
+    assert per_block.mode == "per_block"  # the default (I-JEPA)
+    shared.load_state_dict(per_block.state_dict())  # same parameters, same names
+    assert "mode='shared_context'" in repr(shared)
+    with pytest.raises(ValueError, match="mode"):
+        make_model((6, 6), mode="shared")
+    with pytest.raises(TypeError, match="mode"):
+        make_model((6, 6), mode=None)
+    context, ctx, targets = make_inputs((6, 6), 2, 2)
+    shared.mode = "context"  # reassigned after construction: checked at forward
+    with pytest.raises(ValueError, match="mode"):
+        shared(context, context_indices=ctx, targets=targets)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+def test_gradients_reach_context_mask_tokens_and_heads(mode, pos_embed):
+    grid = (6, 8)
+    model = make_model(grid, 3, pos_embed=pos_embed, mode=mode)
     context, ctx, targets = make_inputs(grid, 3, 2, flat=(2,))
     context.requires_grad_(True)
     out = model(context, context_indices=ctx, targets=targets)
@@ -203,10 +338,11 @@ def test_gradients_reach_context_mask_tokens_and_heads(pos_embed):
 # --------------------------------------------------------------------------- masking invariants
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_padded_context_tokens_are_ignored(pos_embed):
+def test_padded_context_tokens_are_ignored(mode, pos_embed):
     grid = (7, 7)
-    model = make_model(grid, 2, pos_embed=pos_embed).double()
+    model = make_model(grid, 2, pos_embed=pos_embed, mode=mode).double()
     context, ctx, targets = make_inputs(grid, 2, 3, dtype=torch.float64)
     assert (~ctx.valid).any()
     out = model(context, context_indices=ctx, targets=targets)
@@ -228,10 +364,11 @@ def test_padded_context_tokens_are_ignored(pos_embed):
         torch.testing.assert_close(valid_slots(o3, t), valid_slots(o, t))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_padded_queries_do_not_change_real_queries(pos_embed):
+def test_padded_queries_do_not_change_real_queries(mode, pos_embed):
     grid = (8, 8)
-    model = make_model(grid, 2, pos_embed=pos_embed).double()
+    model = make_model(grid, 2, pos_embed=pos_embed, mode=mode).double()
     context, ctx, targets = make_inputs(grid, 2, 2, dtype=torch.float64)
     out = model(context, context_indices=ctx, targets=targets)
     gen = torch.Generator().manual_seed(2)
@@ -248,10 +385,11 @@ def test_padded_queries_do_not_change_real_queries(pos_embed):
         torch.testing.assert_close(valid_slots(o2, t2), valid_slots(o, t))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_blocks_do_not_see_each_other(pos_embed):
+def test_blocks_do_not_see_each_other(mode, pos_embed):
     grid = (8, 8)
-    model = make_model(grid, 2, pos_embed=pos_embed).double()
+    model = make_model(grid, 2, pos_embed=pos_embed, mode=mode).double()
     context, ctx, targets = make_inputs(grid, 2, 2, blocks=(2, 2), dtype=torch.float64)
     out = model(context, context_indices=ctx, targets=targets)
     # New ids (and a different length) for block 1 of level 0 and for every level-1 block.
@@ -272,9 +410,10 @@ def test_blocks_do_not_see_each_other(pos_embed):
     assert not torch.allclose(out2[0][:, 1][valid[:, 1]][:3], out[0][:, 1][t0.valid[:, 1]][:3])
 
 
-def test_batch_consistency():
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_consistency(mode):
     grid = (6, 8)
-    model = make_model(grid, 2, pos_embed="rope").double()
+    model = make_model(grid, 2, pos_embed="rope", mode=mode).double()
     context, ctx, targets = make_inputs(grid, 2, 3, dtype=torch.float64)
     out = model(context, context_indices=ctx, targets=targets)
     for i in range(3):
@@ -293,11 +432,12 @@ def test_batch_consistency():
 # --------------------------------------------------------------------------- fast vs slow paths
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_fused_matches_manual_attention(pos_embed):
+def test_fused_matches_manual_attention(mode, pos_embed):
     grid = (7, 7)
-    fused = make_model(grid, 2, pos_embed=pos_embed, fused_attn=True).double()
-    manual = make_model(grid, 2, pos_embed=pos_embed, fused_attn=False).double()
+    fused = make_model(grid, 2, pos_embed=pos_embed, fused_attn=True, mode=mode).double()
+    manual = make_model(grid, 2, pos_embed=pos_embed, fused_attn=False, mode=mode).double()
     manual.load_state_dict(fused.state_dict())
     assert not manual.blocks[0].attn.fused
     context, ctx, targets = make_inputs(grid, 2, 2, dtype=torch.float64)
@@ -307,10 +447,12 @@ def test_fused_matches_manual_attention(pos_embed):
         torch.testing.assert_close(x, y)
 
 
-def test_grad_checkpointing_matches(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_checkpointing_matches(mode, monkeypatch):
     grid = (6, 6)
-    plain = make_model(grid, 2, drop_path_rate=0.3, pos_embed="rope").double()
-    ckpt = make_model(grid, 2, drop_path_rate=0.3, pos_embed="rope", grad_checkpointing=True).double()
+    plain = make_model(grid, 2, drop_path_rate=0.3, pos_embed="rope", mode=mode).double()
+    ckpt = make_model(grid, 2, drop_path_rate=0.3, pos_embed="rope", grad_checkpointing=True,
+                      mode=mode).double()
     ckpt.load_state_dict(plain.state_dict())
     calls = []
     real = hier_module.checkpoint
@@ -344,10 +486,11 @@ def test_grad_checkpointing_matches(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
-def test_bf16_autocast_close_to_fp32(pos_embed):
+def test_bf16_autocast_close_to_fp32(mode, pos_embed):
     grid = (7, 7)
-    model = make_model(grid, 3, pos_embed=pos_embed)
+    model = make_model(grid, 3, pos_embed=pos_embed, mode=mode)
     context, ctx, targets = make_inputs(grid, 3, 2)
     with torch.no_grad():
         ref = model(context, context_indices=ctx, targets=targets)
@@ -456,12 +599,13 @@ def test_bad_forward_inputs():
 # --------------------------------------------------------------------------- grid at forward time
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
 @pytest.mark.parametrize("default", [(8, 8), None])
-def test_forward_grid_matches_a_predictor_built_for_that_grid(pos_embed, default):
+def test_forward_grid_matches_a_predictor_built_for_that_grid(mode, pos_embed, default):
     g2 = (5, 6)
-    shared = make_model(default, 2, pos_embed=pos_embed)  # grid_size=None: no default grid
-    built = make_model(g2, 2, pos_embed=pos_embed)
+    shared = make_model(default, 2, pos_embed=pos_embed, mode=mode)  # grid_size=None: no default grid
+    built = make_model(g2, 2, pos_embed=pos_embed, mode=mode)
     built.load_state_dict(shared.state_dict())
     context, ctx, targets = make_inputs(g2, 2, 3, flat=(1,))
     out = shared(context, context_indices=ctx, targets=targets, grid_size=g2)
@@ -487,14 +631,15 @@ def test_one_predictor_trains_on_global_and_local_crops():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
 @pytest.mark.parametrize("local_grid,local_levels", [((3, 4), 1), ((2, 2), 2)])
-def test_first_levels_on_a_small_grid_match_a_weight_tied_predictor(pos_embed, local_grid, local_levels):
+def test_first_levels_on_a_small_grid_match_a_weight_tied_predictor(mode, pos_embed, local_grid, local_levels):
     """What multi-crop training used to build: a second predictor on the local grid whose
     every weight is the main one's (level l: mask token and head l). The main predictor
     called with grid_size and num_levels computes exactly the same."""
-    main = make_model((8, 8), 3, pos_embed=pos_embed, out_dim=[8, 12, 16])
-    tied = make_model(local_grid, local_levels, pos_embed=pos_embed)
+    main = make_model((8, 8), 3, pos_embed=pos_embed, out_dim=[8, 12, 16], mode=mode)
+    tied = make_model(local_grid, local_levels, pos_embed=pos_embed, mode=mode)
     for name in ("predictor_embed", "mask_tokens", "blocks", "norm", "heads"):
         setattr(tied, name, getattr(main, name))
     context, ctx, targets = make_inputs(local_grid, local_levels, 3)

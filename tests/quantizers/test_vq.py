@@ -524,6 +524,13 @@ def _worker_vq(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=r"z must be finite.*\[1\]"):
         vq(z)
     _assert_state_equal(_state(vq), state)
+    # So does a finite entry too large for the sums of squares (float64: beyond ~1e153).
+    z = torch.randn(3, 3, dtype=F64)
+    if rank == 0:
+        z[1, 2] = -1e200
+    with pytest.raises(ValueError, match=r"z must be finite with entries of magnitude.*\[0\]"):
+        vq(z)
+    _assert_state_equal(_state(vq), state)
 
 
 @pytest.mark.distributed

@@ -458,6 +458,105 @@ def test_bad_args():
     assert ema.step == 0  # failed updates do not count
 
 
+# ---------------------------------------------------------------- non-finite online weights
+
+
+def _state(ema: EMATarget) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in ema.state_dict().items()}
+
+
+def _assert_same_state(ema: EMATarget, before: dict[str, torch.Tensor]) -> None:
+    after = ema.state_dict()
+    assert set(after) == set(before)
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name  # NaN-free before, so equal means untouched
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["parameter", "buffer"])
+@pytest.mark.parametrize("value_checks_on", [True, False])
+def test_update_refuses_nonfinite_online_weights(bad, where, value_checks_on):
+    """A NaN/Inf online weight raises naming it and leaves the target (weights, buffers,
+    step count) untouched, whatever the value-check setting: the target is what the
+    trainer's non-finite step guard protects."""
+    from jepa_blocks import value_checks
+
+    online = _bn_model()
+    ema = EMATarget(online, total_steps=10, momentum=0.5)
+    ema.update(online)  # one good update first
+    before = _state(ema)
+    _perturb(online)
+    with torch.no_grad():
+        if where == "parameter":
+            online[2].weight[1, 3] = bad
+        else:
+            online[1].running_var[2] = bad
+    name = "'2.weight'" if where == "parameter" else "'1.running_var'"
+    with value_checks(value_checks_on), pytest.raises(ValueError, match=rf"online.*{where} {name}"):
+        ema.update(online)
+    _assert_same_state(ema, before)
+    assert ema.step == 1
+    # Repaired online weights update as if the refused call had not happened.
+    with torch.no_grad():
+        online[2].weight[1, 3] = 0.25
+        online[1].running_var[2] = 1.5
+    twin = copy.deepcopy(ema)
+    ema.update(online)
+    expected = {n: 0.5 * t + 0.5 * _params(online)[n] for n, t in _params(twin.module).items()}
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-15)
+    assert ema.step == 2 and torch.isfinite(ema.module[1].running_var).all()
+
+
+def test_nonfinite_check_runs_only_when_the_update_absorbs():
+    """Calls that do not move the target (update_every, momentum 1 for the parameters)
+    only count the step; buffers are still copied at momentum 1, so they are checked."""
+    online = _bn_model()
+    ema = EMATarget(online, total_steps=10, update_every=2)
+    with torch.no_grad():
+        online[0].weight[0, 0] = float("nan")
+    ema.update(online)  # call 1 of 2: counts, absorbs nothing
+    assert ema.step == 1 and torch.isfinite(ema.module[0].weight).all()
+    with pytest.raises(ValueError, match="online parameter '0.weight'"):
+        ema.update(online)
+    frozen = EMATarget(_bn_model(), total_steps=10, momentum=1.0)
+    frozen.update(online)  # momentum 1: the NaN parameter is not averaged in
+    assert frozen.step == 1 and torch.isfinite(frozen.module[0].weight).all()
+    with torch.no_grad():
+        online[1].running_mean[0] = float("inf")
+    with pytest.raises(ValueError, match="online buffer '1.running_mean'"):
+        frozen.update(online)
+
+
+def test_check_finite_false_absorbs_as_documented():
+    online = _mlp()
+    ema = EMATarget(online, total_steps=10, momentum=0.5, check_finite=False)
+    with torch.no_grad():
+        online[0].bias[0] = float("nan")
+    ema.update(online)
+    assert torch.isnan(ema.module[0].bias[0]) and ema.step == 1
+    with pytest.raises(TypeError, match="check_finite"):
+        EMATarget(online, total_steps=10, check_finite=1)
+
+
+def test_nonfinite_check_with_mixed_dtypes_and_empty_tensors():
+    """Grouped per (device, dtype) for the fused reduction: a bf16 parameter next to
+    float64 ones and an empty parameter are all handled; the first bad one is named."""
+    online = nn.Sequential(nn.Linear(4, 8).double(), nn.Linear(8, 3).bfloat16())
+    online.register_parameter("empty", nn.Parameter(torch.zeros(0)))
+    ema = EMATarget(online, total_steps=10)
+    ema.update(online)
+    with torch.no_grad():
+        online[1].bias[2] = float("inf")
+    with pytest.raises(ValueError, match="online parameter '1.bias'"):
+        ema.update(online)
+    with torch.no_grad():
+        online[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="online parameter '0.weight'"):
+        ema.update(online)
+    assert ema.step == 1
+
+
 def _with_buffer() -> nn.Module:
     m = _mlp()
     m.register_buffer("extra", torch.zeros(1))
@@ -517,3 +616,23 @@ def _worker_ema_under_ddp(rank: int, world: int) -> None:
 @pytest.mark.distributed
 def test_gloo_ddp_ema_identical_on_every_rank(run_gloo):
     run_gloo(_worker_ema_under_ddp)
+
+
+def _worker_nonfinite_buffer_on_one_rank(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double()
+    online = DDP(model)
+    ema = EMATarget(online, total_steps=10)
+    before = {n: t.clone() for n, t in ema.state_dict().items()}
+    if rank == 1:  # only this rank's local BatchNorm statistics went bad
+        with torch.no_grad():
+            model[1].running_var[0] = float("nan")
+    # Every rank raises (none waits in the buffer broadcast); no target changes.
+    with pytest.raises(ValueError, match="running_var" if rank == 1 else "another rank"):
+        ema.update(online)
+    assert all(torch.equal(ema.state_dict()[n], t) for n, t in before.items())
+
+
+@pytest.mark.distributed
+def test_gloo_ddp_nonfinite_buffer_on_one_rank_raises_on_every_rank(run_gloo):
+    run_gloo(_worker_nonfinite_buffer_on_one_rank)

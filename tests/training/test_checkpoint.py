@@ -5,18 +5,25 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import signal
+import struct
 import time
+import warnings
 import zipfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jepa_blocks.training import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
+    UnverifiedCheckpointWarning,
     load_checkpoint,
+    load_latest_good,
     rng_state,
     save_checkpoint,
 )
@@ -323,3 +330,129 @@ def test_moved_names_stay_importable_from_checkpoint():
     assert ckpt_mod.rng_state is rng.rng_state and ckpt_mod.set_rng_state is rng.set_rng_state
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ckpt_mod.nope  # noqa: B018
+
+
+# ---------------------------------------------------------------- integrity (CRC-32)
+
+
+def _largest_record(path) -> zipfile.ZipInfo:
+    with zipfile.ZipFile(path) as archive:
+        return max(archive.infolist(), key=lambda info: info.file_size)
+
+
+def _damage_record(path, info: zipfile.ZipInfo, *, offset: int, nbytes: int = 64) -> None:
+    """Invert ``nbytes`` bytes of a record's data, ``offset`` bytes into it."""
+    data = bytearray(path.read_bytes())
+    # Local file header: 30 fixed bytes, then the name and the extra field (torch pads
+    # there to align the data), whose lengths sit at bytes 26..29.
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + offset
+    for i in range(start, start + nbytes):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _trained_adamw_state() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(48, 40)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(5, 48)).square().sum().backward()
+    opt.step()
+    # the AdamW moments are the largest tensor records once the weights are stored in half
+    return {"model": {k: v.half() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()}
+
+
+def test_damaged_tensor_record_is_rejected_naming_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    state = _trained_adamw_state()
+    save_checkpoint(path, state)
+    info = _largest_record(path)
+    _damage_record(path, info, offset=info.file_size // 2)
+    # torch.load alone does not notice: the damage would load as wrong values (the bug).
+    raw = torch.load(path, weights_only=True)["state"]["optimizer"]["state"][0]
+    saved = state["optimizer"]["state"][0]
+    assert sum(not torch.equal(raw[k], saved[k]) for k in ("exp_avg", "exp_avg_sq")) == 1
+    with pytest.raises(CheckpointError, match=rf"last\.pt.*damaged.*{re.escape(info.filename)}.*CRC-32"):
+        load_checkpoint(path)
+    load_checkpoint(path, verify=False)  # the opt-out skips the check
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_any_damaged_byte_of_any_record_is_rejected(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("crc") / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(300.0), "step": 4})
+    with zipfile.ZipFile(path) as archive:
+        infos = [i for i in archive.infolist() if i.file_size]
+    info = data.draw(st.sampled_from(infos))
+    nbytes = data.draw(st.integers(1, min(64, info.file_size)))
+    offset = data.draw(st.integers(0, info.file_size - nbytes))
+    _damage_record(path, info, offset=offset, nbytes=nbytes)
+    with pytest.raises(CheckpointError, match=r"last\.pt"):
+        load_checkpoint(path)
+
+
+def test_crc32_written_even_when_torch_option_is_off(tmp_path):
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch always writes CRC-32s")
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint(tmp_path / "a.pt", {"w": torch.ones(100)})
+        assert not torch.serialization.get_crc32_options()  # the user's option is restored
+        # a file torch wrote without CRC-32s: loads, with a warning that it is unverified
+        torch.save({"jepa_blocks_checkpoint": 1, "metadata": {}, "state": {"w": torch.ones(100)}},
+                   tmp_path / "b.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert all(i.CRC for i in zipfile.ZipFile(tmp_path / "a.pt").infolist() if i.file_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "a.pt")
+    with pytest.warns(UnverifiedCheckpointWarning, match=r"b\.pt.*no CRC-32"):
+        assert torch.equal(load_checkpoint(tmp_path / "b.pt")["w"], torch.ones(100))
+
+
+# ---------------------------------------------------------------- load_latest_good
+
+
+def test_load_latest_good_prefers_last_then_falls_back_newest_first(tmp_path):
+    from jepa_blocks.training import BestCheckpoints
+
+    best = BestCheckpoints(tmp_path, keep=3, mode="max", metric_name="knn")
+    for step, acc in [(100, 0.5), (200, 0.3), (300, 0.4)]:  # newest is not the best
+        best.update(step, acc, {"step": step, "w": torch.full((64,), float(step))})
+    save_checkpoint(tmp_path / "last.pt", {"step": 350, "w": torch.zeros(64)})
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt = load_latest_good(tmp_path)
+    assert ckpt["step"] == 350 and ckpt.path == tmp_path / "last.pt"
+
+    _damage_record(tmp_path / "last.pt", _largest_record(tmp_path / "last.pt"), offset=8)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint '.*last\.pt'.*damaged"):
+        ckpt = load_latest_good(tmp_path)
+    assert ckpt["step"] == 300 and ckpt.path.name.startswith("best-00000300-")
+    assert torch.equal(ckpt["w"], torch.full((64,), 300.0))
+
+    newest = tmp_path / ckpt.path.name
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated too
+    with pytest.warns(UserWarning) as record:
+        ckpt = load_latest_good(tmp_path)
+    assert ckpt["step"] == 200
+    assert [str(w.message).split("'")[1] for w in record] == [str(tmp_path / "last.pt"), str(newest)]
+
+
+def test_load_latest_good_uses_prev_and_reports_when_nothing_loads(tmp_path):
+    assert load_latest_good(tmp_path) is None  # no candidate at all
+    save_checkpoint(tmp_path / "last.pt", {"step": 1}, keep_previous=True)
+    save_checkpoint(tmp_path / "last.pt", {"step": 2}, keep_previous=True)
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="empty"):
+        assert load_latest_good(tmp_path)["step"] == 1
+    (tmp_path / "last.pt.prev").write_bytes(b"junk")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"no loadable.*last\.pt.*last\.pt\.prev"):
+        load_latest_good(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_latest_good(tmp_path / "missing")
+    with pytest.raises(TypeError, match="last_name"):
+        load_latest_good(tmp_path, last_name=3)

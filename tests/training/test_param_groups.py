@@ -147,3 +147,49 @@ def test_bad_inputs():
         param_groups_for_weight_decay(weight_decay=0.1)
     with pytest.raises(ValueError, match="requires_grad"):
         param_groups_for_weight_decay(model.frozen, weight_decay=0.1)
+
+
+# ---------------------------------------------------------------- parity with timm
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def _split(groups) -> tuple[set[int], set[int]]:
+    decay = set().union(*(_ids(g["params"]) for g in groups if g["weight_decay"] > 0))
+    no_decay = set().union(*(_ids(g["params"]) for g in groups if g["weight_decay"] == 0))
+    return decay, no_decay
+
+
+def test_same_split_as_timm_on_a_timm_vit():
+    """On a timm ViT, timm's ``param_groups_weight_decay`` with the model's own
+    ``no_weight_decay()`` list splits the parameters exactly as we do."""
+    timm_groups = pytest.importorskip("timm.optim").param_groups_weight_decay
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=3,
+                            class_token=True, reg_tokens=2)
+    ours = param_groups_for_weight_decay(vit, weight_decay=0.05)
+    theirs = timm_groups(vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay())
+    assert _split(ours) == _split(theirs)
+    assert [g["weight_decay"] for g in ours] == [0.05, 0.0]
+
+
+def test_where_we_differ_from_timm_on_our_blocks():
+    """Why the library keeps its own function: learned input tokens of the predictor
+    (``mask_tokens``, ``level_tokens``) are matrices that timm decays unless every model
+    lists them, and a weight-decay ramp starting at 0 must keep its decayed group (timm
+    with ``weight_decay=0`` puts every parameter in its no-decay group)."""
+    timm_groups = pytest.importorskip("timm.optim").param_groups_weight_decay
+    from jepa_blocks import HierarchicalPredictor
+
+    pred = HierarchicalPredictor(grid_size=4, embed_dim=16, predictor_dim=8, depth=1, num_heads=2, num_levels=2)
+    tokens = {id(p) for n, p in pred.named_parameters() if p.ndim >= 2 and "token" in n.split(".")[-1]}
+    assert tokens  # the predictor has learned token matrices
+    decay, no_decay = _split(param_groups_for_weight_decay(pred, weight_decay=0.05))
+    timm_decay, timm_no_decay = _split(timm_groups(pred, weight_decay=0.05))
+    assert tokens <= no_decay and tokens <= timm_decay
+    assert decay == timm_decay - tokens and no_decay == timm_no_decay | tokens
+    # A ramp that starts at 0: our decayed group stays marked for the scheduler's ramp.
+    assert [g["apply_wd"] for g in param_groups_for_weight_decay(pred, weight_decay=0.0)] == [True, False]

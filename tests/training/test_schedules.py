@@ -294,3 +294,35 @@ def test_scheduler_bad_inputs():
         sched.load_state_dict({})
     with pytest.raises(ValueError, match="step"):
         sched.load_state_dict({"step": -2})
+
+
+# ---------------------------------------------------------------- torch LRScheduler API
+
+
+def test_scheduler_is_a_torch_lr_scheduler_with_get_last_lr():
+    from torch.optim.lr_scheduler import LRScheduler
+
+    model, opt = _model_and_opt(lr_scale=0.5)
+    sched = OptimizerScheduler(opt, total_steps=9, warmup_steps=3, lr=IJEPA_LR, weight_decay=IJEPA_WD)
+    assert isinstance(sched, LRScheduler) and sched.optimizer is opt
+    for step in range(12):
+        lr = _ref_warmup_cosine(step, 9, 3, *IJEPA_LR)
+        assert sched.last_epoch == step
+        assert sched.get_last_lr() == pytest.approx([0.5 * lr, lr, lr])
+        assert sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
+        assert sched.get_lr() == sched.get_last_lr()
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(_ref_cosine_ramp(step, 9, *IJEPA_WD))
+        _train_step(model, opt, sched)
+    with pytest.raises(TypeError, match="epoch must be None"):
+        sched.step(3)
+
+
+def test_scheduler_in_a_plain_torch_loop_warns_nothing(recwarn):
+    # The usual torch loop (optimizer.step() then scheduler.step()) must not trigger
+    # LRScheduler's call-order warnings.
+    model, opt = _model_and_opt()
+    sched = OptimizerScheduler(opt, total_steps=5, lr=1e-3, weight_decay=0.1)
+    for _ in range(3):
+        _train_step(model, opt, sched)
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
+    assert sched.state_dict() == {"step": 3}  # the format of earlier checkpoints

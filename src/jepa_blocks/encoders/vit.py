@@ -12,11 +12,12 @@ Inputs are validated at ``forward`` / ``forward_tokens``; NaN/Inf images or toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
-from timm.layers import PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,11 +29,13 @@ from jepa_blocks._checks import (
     check_grid,
     check_index_range,
     check_int,
+    check_same_device,
     check_tensor,
     match_dtype,
 )
 from jepa_blocks.grid import token_positions
 from jepa_blocks.layers import (
+    PatchEmbed,
     attention_mask_from_valid,
     init_transformer_weights,
     rescale_residual_branches,
@@ -43,6 +46,22 @@ from jepa_blocks.positional.rope2d import RoPE2D
 from jepa_blocks.positional.sincos import sincos_2d
 
 __all__ = ["EncoderOutput", "ViTEncoder"]
+
+#: ViTEncoder arguments that ``from_checkpoint`` never reads from a training config.
+_RUNTIME_OPTIONS = ("drop_path_rate", "grad_checkpointing", "fused_attn", "out_layers")
+
+
+def _strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes shared by all keys."""
+    out = dict(state)
+    while out:
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                break
+        else:
+            return out
+    return out
 
 
 class EncoderOutput(NamedTuple):
@@ -144,7 +163,6 @@ class ViTEncoder(nn.Module):
             patch_size=patch_size,
             in_chans=check_int("in_chans", in_chans, min_value=1),
             embed_dim=embed_dim,
-            strict_img_size=False,
         )
         self.rope = RoPE2D(head_dim=head_dim, theta=rope_theta) if pos_embed == "rope" else None
         self.blocks = transformer_stack(
@@ -204,6 +222,7 @@ class ViTEncoder(nn.Module):
         value checks are enabled (see the module docstring).
         """
         check_tensor("images", images, ndim=4, kind="float")
+        check_same_device(("images", images), module=self)
         if images.shape[1] != self.patch_embed.proj.in_channels:
             raise ValueError(
                 f"images must have {self.patch_embed.proj.in_channels} channels, got shape "
@@ -235,6 +254,7 @@ class ViTEncoder(nn.Module):
             ``EncoderOutput`` with tokens ``(B, K, D)``.
         """
         check_tensor("tokens", tokens, ndim=3, kind="float")
+        check_same_device(("tokens", tokens), module=self)
         check_finite(("tokens", tokens))
         return self._encode(tokens, grid_size=grid_size, keep=keep, out_layers=out_layers)
 
@@ -267,6 +287,7 @@ class ViTEncoder(nn.Module):
                 ids = check_tensor("keep", keep, ndim=2, kind="int")
             if ids.ndim != 2 or ids.shape[0] != b:
                 raise ValueError(f"keep must have shape ({b}, K), got {tuple(ids.shape)}")
+            check_same_device(("keep", ids), ("keep.valid", valid), module=self)
             check_index_range("keep", ids, n, what=f"of the {h}x{w} patch grid")
         if self.rope is None:
             pos = sincos_2d(token_positions(torch.arange(n, device=tokens.device), (h, w)), d)
@@ -330,63 +351,119 @@ class ViTEncoder(nn.Module):
     @classmethod
     def from_timm(
         cls,
-        name: str,
+        model: str | nn.Module,
         *,
-        img_size: int | tuple[int, int],
-        patch_size: int,
+        img_size: int | tuple[int, int] | None = None,
+        patch_size: int | None = None,
         pretrained: bool = False,
-        **kwargs,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+        timm_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> ViTEncoder:
         """Build an encoder with the architecture (and weights) of a timm ViT.
 
-        The timm model is created with ``timm.create_model(name, pretrained=pretrained,
-        img_size=img_size, patch_size=patch_size)``; its width, depth, heads, MLP ratio,
-        qkv bias and LayerScale are copied, and so are the weights of the patch
-        embedding, the blocks and the final norm when ``pretrained=True`` (otherwise the
-        encoder keeps its own I-JEPA initialisation). timm's learned position table and CLS
-        token are not used (positions here are fixed sin-cos or RoPE). ``pretrained=True``
-        downloads weights and needs network access; the default never downloads.
+        ``model`` is a timm model name or a timm ``VisionTransformer`` instance. Its
+        width, depth, heads, MLP ratio, qkv bias and LayerScale are copied, and so are the
+        weights of the patch embedding, the blocks and the final norm when there are
+        weights to take: an instance's own weights, ``pretrained=True`` or
+        ``checkpoint_path``; otherwise the encoder keeps its own I-JEPA initialisation.
+        timm's learned position table and its CLS / register tokens are not used
+        (positions here are fixed sin-cos or RoPE); to keep them, wrap the model with
+        :class:`~jepa_blocks.encoders.timm_adapter.TimmTokenEncoder` instead. A timm ViT
+        with pieces this encoder lacks (qk-norm, a pre-norm, another MLP) raises
+        ``ValueError``.
+
+        A name is created with ``timm.create_model(name, pretrained=pretrained,
+        img_size=img_size, patch_size=patch_size, num_classes=0)`` (``None`` sizes: the
+        name's). ``pretrained=True`` takes the weights from the local cache, else downloads
+        them; without a network and without a cached copy it raises ``ConnectionError``
+        at once instead of retrying the hub for a minute (see
+        ``jepa_blocks.encoders._timm``). The default never downloads.
 
         Args:
-            name: A timm ViT name, e.g. ``"vit_tiny_patch16_224"``.
-            img_size: Image size for this encoder.
-            patch_size: Patch size for this encoder (overrides the name's).
-            pretrained: Load timm's pretrained weights (download).
+            model: A timm ViT name, e.g. ``"vit_tiny_patch16_224"``, or a timm
+                ``VisionTransformer`` instance.
+            img_size: Image size for this encoder (default: the timm model's).
+            patch_size: Patch size (default: the timm model's; with a name it is passed to
+                timm, which resamples pretrained patch weights).
+            pretrained: Load timm's pretrained weights (a name only).
+            checkpoint_path: A local state dict of the timm architecture (``.pth``,
+                ``.safetensors``, ...; a name only), e.g. ``torch.save(vit.state_dict(), path)``.
+            pretrained_cfg_overlay: timm's ``pretrained_cfg_overlay`` (a name only), e.g.
+                ``dict(file=path)`` with ``pretrained=True`` loads a local file through
+                timm's converter for the model.
+            timm_kwargs: Other ``timm.create_model`` arguments for a name, e.g.
+                ``{"depth": 2}`` to match a file saved from a 2-block model.
             **kwargs (Any): Other ``ViTEncoder`` arguments (``pos_embed``, ``drop_path_rate``,
-                ``grad_checkpointing``, ``out_layers``, ...).
+                ``grad_checkpointing``, ``out_layers``, ``depth``, ...).
+
+        Returns:
+            The encoder, in training mode.
+
+        Raises:
+            TypeError: ``model`` is neither a name nor a timm Vision Transformer.
+            ValueError: Unknown name, an architecture this encoder cannot hold, a file that
+                does not fit, or weight options with an instance.
+            ConnectionError: ``pretrained=True`` offline without a cached copy.
 
         Example:
             >>> enc = ViTEncoder.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=4)
             >>> enc.embed_dim, enc.depth
             (192, 12)
         """
-        import timm
+        if isinstance(model, str):
+            from jepa_blocks.encoders._timm import create_timm_model
 
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a timm model name string, got {name!r}")
-        check_bool("pretrained", pretrained)
-        try:
-            model = timm.create_model(
-                name, pretrained=pretrained, img_size=img_size, patch_size=patch_size, num_classes=0
+            if timm_kwargs is not None and not isinstance(timm_kwargs, Mapping):
+                raise TypeError(f"timm_kwargs must be a dict or None, got {type(timm_kwargs).__name__}")
+            create_kwargs = {"num_classes": 0, **(timm_kwargs or {})}
+            create_kwargs.update((k, v) for k, v in (("img_size", img_size), ("patch_size", patch_size)) if v is not None)
+            label = repr(model)
+            model = create_timm_model(
+                model,
+                pretrained=pretrained,
+                checkpoint_path=checkpoint_path,
+                pretrained_cfg_overlay=pretrained_cfg_overlay,
+                **create_kwargs,
             )
-        except RuntimeError as err:  # unknown model name
-            raise ValueError(f"name {name!r} is not a timm model: {err}") from err
+            has_weights = pretrained or checkpoint_path is not None
+        elif isinstance(model, nn.Module):
+            if pretrained or checkpoint_path is not None or pretrained_cfg_overlay is not None or timm_kwargs:
+                raise ValueError(
+                    "pretrained, checkpoint_path, pretrained_cfg_overlay and timm_kwargs apply to a model name; "
+                    f"a {type(model).__name__} instance already has its weights (they are copied)"
+                )
+            label, has_weights = type(model).__name__, True
+        else:
+            raise TypeError(
+                f"model must be a timm model name or a timm VisionTransformer, got {type(model).__name__} {model!r}"
+            )
         blocks = getattr(model, "blocks", None)
-        if blocks is None or not hasattr(model, "patch_embed") or not hasattr(blocks[0], "attn"):
-            raise ValueError(f"name {name!r} is not a plain timm Vision Transformer")
+        patch_embed = getattr(model, "patch_embed", None)
+        if (
+            not isinstance(blocks, (nn.Sequential, nn.ModuleList))
+            or len(blocks) == 0
+            or not hasattr(blocks[0], "attn")
+            or not hasattr(getattr(patch_embed, "proj", None), "in_channels")
+        ):
+            raise TypeError(f"model {label} ({type(model).__name__}) is not a plain timm Vision Transformer")
         first = blocks[0]
         embed_dim = model.embed_dim
         ls = getattr(first, "ls1", None)
+        timm_patch = patch_embed.patch_size
+        timm_patch = timm_patch[0] if isinstance(timm_patch, (tuple, list)) else timm_patch
         config = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=model.patch_embed.proj.in_channels,
+            img_size=img_size if img_size is not None else tuple(patch_embed.img_size),
+            patch_size=patch_size if patch_size is not None else int(timm_patch),
+            in_chans=patch_embed.proj.in_channels,
             embed_dim=embed_dim,
             depth=len(blocks),
             num_heads=first.attn.num_heads,
             mlp_ratio=first.mlp.fc1.out_features / embed_dim,
             qkv_bias=first.attn.qkv.bias is not None,
-            layer_scale_init=float(ls.gamma.flatten()[0]) if hasattr(ls, "gamma") else None,
+            # A trained gamma's first entry (any sign) only seeds an init that its weights replace.
+            layer_scale_init=(abs(float(ls.gamma.detach().flatten()[0])) or 1e-5) if hasattr(ls, "gamma") else None,
         )
         config.update(kwargs)
         encoder = cls(**config)
@@ -395,7 +472,98 @@ class ViTEncoder(nn.Module):
         loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         missing = [k for k in own if k not in loaded]
         if missing:
-            raise ValueError(f"timm model {name!r} lacks weights for {missing[:5]} (architecture differs)")
-        if pretrained:  # otherwise keep our I-JEPA initialisation
+            raise ValueError(f"timm model {label} lacks weights for {missing[:5]} (architecture differs)")
+        # Trunk weights this encoder has no place for change what the blocks compute.
+        # (Blocks past this encoder's depth, with depth=... in kwargs, are left out on purpose.)
+        extra = [
+            k for k in source
+            if k.startswith(("blocks.", "patch_embed.", "norm.", "norm_pre.")) and k not in own
+            and not (k.startswith("blocks.") and int(k.split(".")[1]) >= encoder.depth)
+        ]
+        if extra:
+            raise ValueError(
+                f"timm model {label} has weights ViTEncoder has no place for: {extra[:5]} (e.g. qk-norm, a "
+                "pre-norm, another MLP); wrap it with TimmTokenEncoder instead"
+            )
+        if has_weights:  # otherwise keep our I-JEPA initialisation
             encoder.load_state_dict(loaded)
         return encoder
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        which: Literal["target", "online"] = "target",
+        weights: bool = True,
+        map_location: Any = "cpu",
+        **overrides: Any,
+    ) -> ViTEncoder:
+        """Load the encoder of a training checkpoint (the example trainer's ``last.pt``).
+
+        The checkpoint is a dict with the training ``"config"`` (its ``img_size``,
+        ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``pos_embed``, and any other
+        ``ViTEncoder`` argument found there, build the encoder), the online encoder's
+        ``state_dict`` under ``"encoder"`` and the ``EMATarget``'s under ``"target"``
+        (``module.``-prefixed). ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``)
+        prefixes are removed. The training-only options (``drop_path_rate``,
+        ``grad_checkpointing``) are not read from the config; pass them in
+        ``overrides``.
+
+        Args:
+            checkpoint: A file written by ``jepa_blocks.training.save_checkpoint`` (loaded
+                with ``load_checkpoint``: verified, ``weights_only``), or the loaded dict.
+            which: ``"target"``, the EMA encoder (the usual choice for features), or
+                ``"online"``, the context encoder trained by the optimizer.
+            weights: Load the weights; ``False`` gives the same architecture at random
+                initialisation (a baseline).
+            map_location: Where tensors are loaded (a file only).
+            **overrides (Any): ``ViTEncoder`` arguments that replace the config's.
+
+        Returns:
+            The encoder, in eval mode.
+
+        Raises:
+            ValueError: The checkpoint lacks the config or the weights, or they do not fit.
+
+        Example:
+            >>> enc = ViTEncoder(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4)
+            >>> ckpt = {"config": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
+            ...                    "num_heads": 4, "pos_embed": "sincos", "lr": 1e-3},
+            ...         "encoder": enc.state_dict()}
+            >>> loaded = ViTEncoder.from_checkpoint(ckpt, which="online")
+            >>> torch.equal(loaded.blocks[0].attn.qkv.weight, enc.blocks[0].attn.qkv.weight)
+            True
+        """
+        which = check_choice("which", which, ("target", "online"))
+        weights = check_bool("weights", weights)
+        if isinstance(checkpoint, Mapping):
+            ckpt, label = checkpoint, "checkpoint"
+        elif isinstance(checkpoint, (str, os.PathLike)):
+            from jepa_blocks.training.checkpoint import load_checkpoint
+
+            ckpt, label = load_checkpoint(checkpoint, map_location=map_location), f"checkpoint '{checkpoint}'"
+        else:
+            raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+        config = ckpt.get("config")
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{label} has no 'config' dict to build the encoder from (keys: {sorted(ckpt)[:10]})")
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", *_RUNTIME_OPTIONS}
+        arch = {k: v for k, v in config.items() if k in names}
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            if key not in arch and key not in overrides:
+                raise ValueError(f"{label}: config lacks {key!r}; pass it as a keyword argument")
+        arch.update(overrides)
+        encoder = cls(**arch)
+        if weights:
+            key = "target" if which == "target" else "encoder"
+            state = ckpt.get(key)
+            if not isinstance(state, Mapping):
+                raise ValueError(f"{label} has no {key!r} state dict (which={which!r}); keys: {sorted(ckpt)[:10]}")
+            if which == "target":  # EMATarget.state_dict(): "module.<encoder key>" and "num_steps"
+                state = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
+            try:
+                encoder.load_state_dict(_strip_wrapper_prefixes(state))
+            except RuntimeError as err:
+                raise ValueError(f"{label}: the {which} weights do not fit ViTEncoder({arch}): {err}") from err
+        return encoder.eval()

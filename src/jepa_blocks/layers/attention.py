@@ -31,6 +31,7 @@ from jepa_blocks._checks import (
     check_float,
     check_int,
     check_tensor,
+    has_data,
     match_dtype,
     value_checks_enabled,
 )
@@ -62,7 +63,7 @@ def attention_mask_from_valid(valid: torch.Tensor | None) -> torch.Tensor | None
     if valid is None:
         return None
     check_tensor("valid", valid, ndim=2, kind="bool", allow_empty=True)
-    if value_checks_enabled() and bool(valid.all()):
+    if value_checks_enabled() and has_data(valid) and bool(valid.all()):
         return None
     keep = valid | ~valid.any(dim=-1, keepdim=True)
     return keep[:, None, None, :]

@@ -1,6 +1,8 @@
 """Pre-norm transformer block with rotary positions and padded-token masking.
 
-Built from timm layers (``Mlp``, ``DropPath``, ``LayerScale``) with parameter names that
+Built from local copies of timm's ``Mlp`` and ``LayerScale`` (same parameters, no timm
+import) and a ``DropPath`` whose draws can follow the sample rather than the process
+(``layers/drop_path.py``), with parameter names that
 match ``timm.models.vision_transformer.Block`` (``norm1``, ``attn.qkv``, ``attn.proj``,
 ``ls1.gamma``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``), so timm ViT weights
 load into it. Two things timm's block does not take are added: per-token rotary
@@ -13,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
 from jepa_blocks._checks import check_bool, check_float, check_int, match_dtype
 from jepa_blocks.layers.attention import Attention, _check_tokens
+from jepa_blocks.layers.drop_path import DropPath
+from jepa_blocks.layers.layer_scale import LayerScale
+from jepa_blocks.layers.mlp import Mlp
 
 __all__ = ["TransformerBlock"]
 
@@ -74,11 +78,11 @@ class TransformerBlock(nn.Module):
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, fused=fused_attn
         )
         self.ls1 = LayerScale(dim, init_values=layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = DropPath(drop_prob=drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_prob=drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self,

@@ -56,7 +56,7 @@ from jepa_blocks.losses._contrastive import (
     sync_grad,
     unit_rows,
 )
-from jepa_blocks.losses.output import LossOutput
+from jepa_blocks.losses.output import LossModule, LossOutput
 
 __all__ = ["InfoNCELoss", "info_nce_loss"]
 
@@ -154,7 +154,7 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(LossModule):
     """InfoNCE with a temperature learned inside a fixed range.
 
     The temperature is ``lo + (hi - lo) * sigmoid(temperature_logit)``, so it stays in
@@ -175,10 +175,14 @@ class InfoNCELoss(nn.Module):
         gather_distributed: Contrast against the batch gathered over the default process
             group (see :func:`info_nce_loss`).
 
+    ``forward`` returns the loss as a Tensor; :attr:`last_terms` (and, with
+    ``return_terms=True``, the returned :class:`LossOutput`) hold ``"infonce"`` and the
+    ``"temperature"`` used. Inputs are ``(N, D)`` (pool tokens first).
+
     Example:
         >>> criterion = InfoNCELoss(init_temperature=0.07, temperature_range=(0.05, 0.2))
         >>> q, k = torch.randn(8, 16), torch.randn(8, 16)
-        >>> loss, terms = criterion(q, k)
+        >>> loss = criterion(q, k)
         >>> loss.backward()
         >>> round(criterion.temperature, 4), criterion.temperature_logit.grad is not None
         (0.07, True)
@@ -236,18 +240,21 @@ class InfoNCELoss(nn.Module):
         with torch.no_grad():
             return float(self.temperature_tensor(torch.float64))
 
-    def forward(self, query: Tensor, key: Tensor) -> LossOutput:
+    def forward(
+        self, query: Tensor, key: Tensor, *, return_terms: bool = False
+    ) -> Tensor | LossOutput:
         """InfoNCE of a batch of pairs at the current temperature.
 
         Args:
             query: Query embeddings of shape ``(N, D)``.
             key: Key embeddings of shape ``(N, D)``; ``key[i]`` is the positive of
                 ``query[i]``.
+            return_terms: Return ``LossOutput(total, {"infonce": total, "temperature": t})``
+                instead of the Tensor.
 
         Returns:
-            ``LossOutput(total, {"temperature": t})``: the scalar loss (float32, float64
-            for float64 input) and the temperature used, a detached 0-dim tensor for
-            logging (the temperature's gradient flows through ``total``; use
+            The scalar loss (float32, float64 for float64 input). The temperature used is
+            logged as a detached 0-dim tensor (its gradient flows through the loss; use
             :meth:`temperature_tensor` to put a term of your own on it).
         """
         check_row_pairs(query, key, ("query", "key"))
@@ -257,7 +264,9 @@ class InfoNCELoss(nn.Module):
             total = _info_nce_value(
                 query.to(dtype), key.to(dtype), t, self.symmetric, self.gather_distributed
             )
-        return LossOutput(total, {"temperature": t.detach()})
+        return self._output(
+            LossOutput(total, {"infonce": total, "temperature": t.detach()}), return_terms
+        )
 
     def extra_repr(self) -> str:
         return (

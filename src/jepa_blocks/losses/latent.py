@@ -25,19 +25,20 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from jepa_blocks._checks import (
     check_bool,
     check_choice,
     check_float,
+    check_same_device,
     check_tensor,
     sum_is_finite,
     value_checks_enabled,
 )
 from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
-from jepa_blocks.losses.output import LossOutput
+from jepa_blocks.losses.output import LossModule, LossOutput
 
 __all__ = ["LatentPredictionLoss", "LossType", "latent_prediction_loss"]
 
@@ -201,6 +202,8 @@ def latent_prediction_loss(
     for lvl, (p, t, v) in enumerate(zip(preds, targs, valids, strict=True)):
         check_tensor(f"predictions[{lvl}]", p, ndim=range(2, 9), kind="float")
         check_tensor(f"targets[{lvl}]", t, ndim=range(2, 9), kind="float")
+        same = (f"predictions[{lvl}]", p), (f"targets[{lvl}]", t), (f"valid[{lvl}]", v)
+        check_same_device(("predictions[0]", preds[0]), *same)
         if p.shape != t.shape:
             raise ValueError(
                 f"targets[{lvl}] must have the shape of predictions[{lvl}] "
@@ -234,7 +237,7 @@ def latent_prediction_loss(
     return LossOutput(total, terms)
 
 
-class LatentPredictionLoss(nn.Module):
+class LatentPredictionLoss(LossModule):
     """Masked, level-weighted latent prediction loss (see :func:`latent_prediction_loss`).
 
     Args:
@@ -245,13 +248,18 @@ class LatentPredictionLoss(nn.Module):
         gather_distributed: Average over the valid tokens of the global batch under
             ``torch.distributed`` (see :func:`latent_prediction_loss`).
 
+    ``forward`` returns the weighted total as a Tensor; the per-level losses are in
+    :attr:`last_terms` and, with ``return_terms=True``, in the returned
+    :class:`LossOutput`.
+
     Example:
         >>> criterion = LatentPredictionLoss()
         >>> pred, target = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
         >>> valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
-        >>> loss, terms = criterion(pred, target, valid)
-        >>> list(terms)
-        ['level0']
+        >>> loss = criterion(pred, target, valid)
+        >>> loss.shape, list(criterion.last_terms)
+        (torch.Size([]), ['level0'])
+        >>> loss, terms = criterion(pred, target, valid, return_terms=True)
     """
 
     def __init__(
@@ -275,18 +283,22 @@ class LatentPredictionLoss(nn.Module):
         predictions: Tensor | Sequence[Tensor],
         targets: Tensor | Sequence[Tensor],
         valid: Tensor | Sequence[Tensor | None] | None = None,
-    ) -> LossOutput:
+        *,
+        return_terms: bool = False,
+    ) -> Tensor | LossOutput:
         """Loss of predictions against targets, see :func:`latent_prediction_loss`.
 
         Args:
             predictions: Per level, tensors of shape ``(..., K, D)``.
             targets: Per level, tensors of the same shapes.
             valid: Per level, bool ``(..., K)`` masks or ``None``.
+            return_terms: Return ``LossOutput(total, {"level0": ..., ...})`` instead of
+                the Tensor.
 
         Returns:
-            ``LossOutput(total, {"level0": ..., ...})``.
+            The weighted scalar loss (float32, float64 for float64 input).
         """
-        return latent_prediction_loss(
+        out = latent_prediction_loss(
             predictions,
             targets,
             valid,
@@ -296,6 +308,7 @@ class LatentPredictionLoss(nn.Module):
             level_weights=self.level_weights,
             gather_distributed=self.gather_distributed,
         )
+        return self._output(out, return_terms)
 
     def extra_repr(self) -> str:
         return (

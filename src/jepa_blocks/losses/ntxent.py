@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from jepa_blocks._checks import check_bool, check_float, check_row_pairs
 from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.losses._contrastive import gather_rows, global_mean, unit_rows
+from jepa_blocks.losses.output import LossModule, LossOutput
 
 __all__ = ["NTXentLoss", "ntxent_loss"]
 
@@ -109,8 +110,15 @@ def ntxent_loss(
     return _ntxent(z_a, z_b, temperature, gather_distributed, ("z_a", "z_b"))
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(LossModule):
     """NT-Xent (SimCLR) loss module with a fixed temperature.
+
+    A drop-in for lightly's ``NTXentLoss`` without memory bank (``memory_bank_size=0``):
+    same argument names and ``(N, D)`` inputs (like lightly, no ``(N, T, D)``: pool the
+    tokens first), and ``forward`` returns a Tensor. The default temperature differs:
+    0.1 here, 0.5 in lightly. 0.1 is SimCLR's ImageNet value (0.5 is from its
+    small-batch CIFAR-10 runs) and the value the example trainer's contrastive term uses;
+    pass ``temperature=0.5`` to reproduce lightly's numbers.
 
     As an extra term beside the latent (JEPA) loss, compare the average-pooled context
     encoder output of one crop with the average-pooled EMA-target features of a second
@@ -128,8 +136,8 @@ class NTXentLoss(nn.Module):
         >>> criterion = NTXentLoss(temperature=0.1)
         >>> z_a, z_b = torch.randn(8, 16), torch.randn(8, 16)
         >>> loss = criterion(z_a, z_b)
-        >>> loss.shape, bool(loss > 0)
-        (torch.Size([]), True)
+        >>> loss.shape, bool(loss > 0), list(criterion.last_terms)
+        (torch.Size([]), True, ['ntxent'])
     """
 
     def __init__(self, *, temperature: float = 0.1, gather_distributed: bool = False) -> None:
@@ -139,17 +147,22 @@ class NTXentLoss(nn.Module):
         )
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
 
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+    def forward(
+        self, z_a: Tensor, z_b: Tensor, *, return_terms: bool = False
+    ) -> Tensor | LossOutput:
         """NT-Xent of two views.
 
         Args:
             z_a: Embeddings of the first view, shape ``(N, D)``.
             z_b: Embeddings of the second view, shape ``(N, D)``.
+            return_terms: Return ``LossOutput(total, {"ntxent": total})`` instead of the
+                Tensor.
 
         Returns:
             Scalar tensor (float32, or float64 for float64 input).
         """
-        return _ntxent(z_a, z_b, self.temperature, self.gather_distributed, ("z_a", "z_b"))
+        value = _ntxent(z_a, z_b, self.temperature, self.gather_distributed, ("z_a", "z_b"))
+        return self._output(LossOutput(value, {"ntxent": value}), return_terms)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"

@@ -34,20 +34,36 @@ Implementation notes:
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections import OrderedDict
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from jepa_blocks._checks import check_bool, check_finite, check_float, check_int, check_tensor
+from jepa_blocks._checks import (
+    check_bool,
+    check_finite,
+    check_float,
+    check_int,
+    check_same_device,
+    check_tensor,
+)
 from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks._seeding import MASK64, splitmix64
 from jepa_blocks.distributed import all_reduce_with_grad, is_distributed
+from jepa_blocks.losses._aliases import accepts_aliases
+from jepa_blocks.losses.output import LossModule, LossOutput
 
 __all__ = ["SIGRegLoss", "lejepa_loss", "sigreg", "sigreg_directions"]
 
 _NORM_EPS = 1e-12
 _GOLDEN = 0x9E3779B97F4A7C15
+_CACHE_SIZE = 4  # (seed, step, D, K, device, dtype) keys whose directions are kept
+_CACHE: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+_LOCK = threading.Lock()
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -57,16 +73,66 @@ def _mix_seed(seed: int, step: int) -> int:
 
 
 def _raw_directions(dim: int, num_directions: int, seed: int, step: int) -> Tensor:
-    """Un-normalised ``randn(D, K)`` in float32 on CPU from a generator seeded by (seed, step)."""
+    """Un-normalised Gaussian directions ``(D, K)`` in float32 on CPU, a function of
+    ``(seed, step)`` only: direction ``k`` is row ``k`` of a ``(K, D)`` draw from a CPU
+    generator seeded by ``(seed, step)`` (the result is its transpose, a view), so the
+    column norms reduce over contiguous memory."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_mix_seed(seed, step))
-    return torch.randn(dim, num_directions, generator=gen, dtype=torch.float32)
+    return torch.randn(num_directions, dim, generator=gen, dtype=torch.float32).T
 
 
 def _inverse_column_norms(a: Tensor) -> Tensor:
     """``1 / max(||a[:, k]||, eps)`` of shape ``(K,)``: zero columns stay zero, never NaN."""
-    sq = a.square().sum(0)
+    sq = torch.linalg.vector_norm(a, dim=0).square()
     return sq.clamp_min(_NORM_EPS**2).rsqrt()
+
+
+def _unit_directions(
+    dim: int,
+    num_directions: int,
+    seed: int,
+    step: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_cached_unit_directions` outside any ``torch.compile`` graph. The wrapper is
+    made at the first call: ``torch.compiler.disable`` imports ``torch._dynamo`` (about 340
+    modules), which ``import jepa_blocks`` must not pay for."""
+    return _compiler_disabled(_cached_unit_directions)(dim, num_directions, seed, step, device, dtype)
+
+
+@functools.cache
+def _compiler_disabled(fn):
+    return torch.compiler.disable(fn)
+
+
+def _cached_unit_directions(
+    dim: int,
+    num_directions: int,
+    seed: int,
+    step: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Directions ``(D, K)`` of ``(seed, step)`` on ``device`` in ``dtype`` and their inverse
+    column norms ``(K,)``, cached for the last few keys, so several calls in one step
+    (views, micro-batches, global and local crops) draw once. The cached tensors are never
+    written to; they are made outside inference mode so that autograd may save them."""
+    key = (dim, num_directions, seed, step, torch.device(device), dtype)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    with torch.inference_mode(False), torch.no_grad():
+        a = _raw_directions(dim, num_directions, seed, step).to(device=device, dtype=dtype)
+        value = (a, _inverse_column_norms(a))
+    with _LOCK:
+        _CACHE[key] = value
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return value
 
 
 def sigreg_directions(
@@ -80,11 +146,12 @@ def sigreg_directions(
 ) -> Tensor:
     """Unit projection directions for SIGReg, a function of ``(seed, step)`` only.
 
-    The Gaussian draw ``randn(D, K)`` always happens on CPU in float32 from a
-    ``torch.Generator`` seeded with a hash of ``(seed, step)``, so it is identical on every
-    rank and every device; it is then cast to ``dtype``, moved to ``device`` and its
-    columns are divided by their norms (clamped at 1e-12, so ``D = 1`` or a zero draw never
-    gives NaN).
+    The Gaussian draw always happens in float32 on CPU from a ``torch.Generator`` seeded
+    with a hash of ``(seed, step)``, so it is identical on every rank and every device
+    (direction ``k`` is row ``k`` of a ``(K, D)`` draw); it is then cast to ``dtype``, moved to
+    ``device`` and its columns are divided by their norms (clamped at 1e-12, so ``D = 1``
+    or a zero draw never gives NaN). The last few ``(seed, step, D, K, device, dtype)``
+    draws are cached, so the calls of one step draw once.
 
     Args:
         dim: Embedding dimension ``D``.
@@ -103,68 +170,91 @@ def sigreg_directions(
     check_int("step", step, min_value=0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    raw = _raw_directions(dim, num_directions, seed, step).to(dtype)
-    if device is not None:
-        raw = raw.to(device)
-    return raw * _inverse_column_norms(raw)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    a, inverse_norms = _unit_directions(dim, num_directions, seed, step, device, dtype)
+    return (a * inverse_norms).contiguous()
 
 
 def _quadrature(
     num_knots: int, t_max: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Weights ``w_j`` and ``phi_j`` of the non-zero knots ``t_1..t_J``, each of shape (J,)."""
+    if torch.compiler.is_compiling():  # no Python cache inside a traced graph
+        return _make_quadrature(num_knots, t_max, dtype, device)
+    return _cached_quadrature(num_knots, t_max, dtype, device)
+
+
+def _make_quadrature(
+    num_knots: int, t_max: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
     num = num_knots - 1
     dt = t_max / num
-    t = torch.arange(1, num + 1, dtype=torch.float64) * dt
-    phi = torch.exp(-0.5 * t * t)
-    trap = torch.full((num,), 2.0 * dt, dtype=torch.float64)
-    trap[-1] = dt  # the t_0 end (weight dt) multiplies err_0 = 0 and is dropped
-    return (trap * phi).to(device, dtype), phi.to(device, dtype)
+    with torch.inference_mode(False), torch.no_grad():
+        t = torch.arange(1, num + 1, dtype=torch.float64) * dt
+        phi = torch.exp(-0.5 * t * t)
+        trap = torch.full((num,), 2.0 * dt, dtype=torch.float64)
+        trap[-1] = dt  # the t_0 end (weight dt) multiplies err_0 = 0 and is dropped
+        return (trap * phi).to(device, dtype), phi.to(device, dtype)
+
+
+# Made outside inference mode so that autograd may save them; never written to.
+_cached_quadrature = functools.lru_cache(maxsize=16)(_make_quadrature)
+
+
+def _unit_phasor(theta: Tensor) -> Tensor:
+    """``exp(i theta) = cos(theta) + i sin(theta)`` (3 vectorised ops; ``torch.polar`` and a
+    complex ``exp`` are 2-10x slower on CPU)."""
+    return torch.complex(torch.cos(theta), torch.sin(theta))
 
 
 class _CharacteristicSums(torch.autograd.Function):
-    """Batch sums of ``cos(t_j p)`` and ``sin(t_j p)`` for ``t_j = j * dt``, j = 1..J."""
+    """Batch sums of ``cos(j theta)`` and ``sin(j theta)`` for ``theta = p * coef``, j = 1..J.
+
+    ``coef`` (K,) is ``dt`` times the inverse direction norms, so ``j theta = t_j p / |a|``
+    with the normalisation folded into an (N, K) product instead of a (D, K) one.
+    """
 
     @staticmethod
-    def forward(ctx, p: Tensor, dt: float, num: int) -> Tensor:  # type: ignore[override]
-        # p: (V, N, K). z1 = exp(i dt p); z_j = z1^j = cos(t_j p) + i sin(t_j p).
-        z1 = torch.polar(torch.ones_like(p), p * dt)
+    def forward(ctx, p: Tensor, coef: Tensor, num: int) -> Tensor:  # type: ignore[override]
+        # p: (V, N, K). z1 = exp(i theta); z_j = z1^j = cos(j theta) + i sin(j theta).
+        z1 = _unit_phasor(p * coef)
         sums = torch.empty((num, p.shape[0], p.shape[2]), dtype=z1.dtype, device=p.device)
         torch.sum(z1, dim=1, out=sums[0])
         zj = z1.clone() if num > 1 else z1
         for j in range(1, num):
             zj.mul_(z1)
             torch.sum(zj, dim=1, out=sums[j])
-        ctx.save_for_backward(p)
-        ctx.dt = dt
+        ctx.save_for_backward(p, coef)
         ctx.num = num
         # (J, V, K, 2): [..., 0] = sum_n cos(t_j p_n), [..., 1] = sum_n sin(t_j p_n).
         return torch.view_as_real(sums).clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (p,) = ctx.saved_tensors
-        dt, num = ctx.dt, ctx.num
-        # d/dp sum cos(t p) = -t sin(t p), d/dp sum sin(t p) = t cos(t p), hence
-        # grad_p = sum_j Im(z_j * h_j) with h_j = t_j * (-g_cos_j + i g_sin_j).
-        t = torch.arange(1, num + 1, dtype=p.dtype, device=p.device) * dt
-        h = torch.complex(-grad[..., 0], grad[..., 1]) * t[:, None, None]  # (J, V, K)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
+        p, coef = ctx.saved_tensors
+        num = ctx.num
+        # d/dtheta sum cos(j theta) = -j sin(j theta), d/dtheta sum sin(j theta) = j cos(j
+        # theta), so dL/dp = coef * sum_j Im(z1^j h_j), h_j = j (-g_cos_j + i g_sin_j),
+        # evaluated by Horner's rule: z1 (h_1 + z1 (h_2 + ... + z1 h_J)), coef folded into h.
+        j = torch.arange(1, num + 1, dtype=p.dtype, device=p.device)
+        h = torch.complex(-grad[..., 0], grad[..., 1]) * (j[:, None, None] * coef)  # (J, V, K)
         h = h.unsqueeze(2)  # (J, V, 1, K)
-        z1 = torch.polar(torch.ones_like(p), p * dt)
-        acc = z1 * h[0]
-        zj = z1.clone() if num > 1 else z1
-        for j in range(1, num):
-            zj.mul_(z1)
-            acc.addcmul_(zj, h[j])
-        return acc.imag.contiguous(), None, None
+        z1 = _unit_phasor(p * coef)
+        acc = z1 * h[num - 1]
+        for i in range(num - 2, -1, -1):
+            acc.add_(h[i]).mul_(z1)
+        grad_p = acc.imag.contiguous()
+        grad_coef = None
+        if ctx.needs_input_grad[1]:  # directions passed with requires_grad (coef > 0)
+            grad_coef = (grad_p * p).sum((0, 1)) / coef
+        return grad_p, grad_coef, None
 
 
 def _chunk_sums(x: Tensor, a: Tensor, scale: Tensor | None, dt: float, num: int) -> Tensor:
     p = torch.matmul(x, a)  # (V, N, K)
-    if scale is not None:
-        p = p * scale
-    return _CharacteristicSums.apply(p, dt, num)
+    coef = p.new_full((a.shape[1],), dt) if scale is None else scale * dt
+    return _CharacteristicSums.apply(p, coef, num)
 
 
 def _sigreg_value(
@@ -247,7 +337,8 @@ def sigreg(
         generator: Generator for the ``randn(D, K)`` draw (on its own device). Without it
             and without ``directions`` the global CPU generator is used.
         directions: Explicit directions of shape ``(D, K)``; columns are normalised to
-            unit length (clamped at 1e-12, never NaN). Exclusive with ``generator``.
+            unit length (clamped at 1e-12, never NaN). Exclusive with ``generator``. On
+            the device of ``x`` (``ValueError`` otherwise).
         chunk: Process the directions ``chunk`` at a time (with activation checkpointing
             when a gradient is needed) to bound memory; the value does not change.
         distributed: All-reduce the statistics over the default process group so that
@@ -275,6 +366,7 @@ def sigreg(
     with full_precision(x.device):
         if directions is not None:
             check_tensor("directions", directions, ndim=2, kind="float")
+            check_same_device(("x", x), ("directions", directions))
             if directions.shape[0] != dim:
                 raise ValueError(
                     f"directions must have shape (D={dim}, K), got {tuple(directions.shape)}"
@@ -319,14 +411,30 @@ def lejepa_loss(prediction_loss: Tensor, sigreg_value: Tensor, *, lam: float = 0
     return (1.0 - lam) * prediction_loss.to(dtype) + lam * sigreg_value.to(dtype)
 
 
-class SIGRegLoss(nn.Module):
+class SIGRegLoss(LossModule):
     """SIGReg regulariser with fresh, rank-consistent directions at every training step.
 
     The directions depend only on ``(seed, step)`` (see :func:`sigreg_directions`), so
     all ranks draw the same ones without communication. ``step`` is a persistent buffer
-    (saved in ``state_dict``, so a resumed run continues the direction sequence) and
-    advances by one after each forward in training mode; in eval mode it stays fixed.
-    Reading it costs one host sync per forward on GPU.
+    (saved in ``state_dict``, so a resumed run continues the direction sequence). Reading
+    it costs one host sync per forward on GPU.
+
+    Who advances ``step``:
+
+    * ``auto_step=True`` (default): every forward in training mode uses ``step`` and then
+      adds one; eval mode leaves it fixed. Right for one call per optimizer step; with
+      gradient accumulation or several calls per optimizer step each call counts as a
+      step (the calls of one step then see different directions).
+    * ``auto_step=False``: forward never changes ``step``; call :meth:`advance` once after
+      each ``optimizer.step()`` (or :meth:`set_step` with the optimizer step), so every
+      call of one optimizer step (micro-batches, views, ranks) uses the same directions,
+      as in LeJEPA's ``SIGReg(emb, global_step)``.
+
+    Argument names of lightly's ``SIGReg`` are accepted as aliases: ``num_vectors`` for
+    ``num_directions`` and ``knots`` for ``num_knots`` (same meaning and defaults, 1024
+    and 17); passing both names raises ``TypeError``. Unlike lightly, which draws from the
+    global RNG and broadcasts from rank 0, the directions here are a function of
+    ``(seed, step)``.
 
     Args:
         num_directions: Number ``K`` of random directions per step.
@@ -336,18 +444,25 @@ class SIGRegLoss(nn.Module):
         chunk: Directions processed at a time (checkpointed), ``None`` for all at once.
         gather_distributed: Compute the statistic of the global batch across the default
             process group (see :func:`sigreg`, ``distributed``).
+        auto_step: Advance ``step`` after each training-mode forward (see above).
 
     Example:
         >>> loss_fn = SIGRegLoss(num_directions=64)
         >>> z = torch.randn(32, 16, requires_grad=True)
         >>> loss = loss_fn(z)
         >>> loss.backward()
-        >>> int(loss_fn.step), loss.shape
-        (1, torch.Size([]))
+        >>> int(loss_fn.step), loss.shape, sorted(loss_fn.last_terms)
+        (1, torch.Size([]), ['sigreg'])
+        >>> manual = SIGRegLoss(num_directions=64, auto_step=False)
+        >>> a, b = manual(z), manual(z)         # two calls in one optimizer step
+        >>> manual.advance()                    # after optimizer.step()
+        >>> bool(a == b), int(manual.step)
+        (True, 1)
     """
 
     step: Tensor
 
+    @accepts_aliases(num_vectors="num_directions", knots="num_knots")
     def __init__(
         self,
         *,
@@ -357,6 +472,7 @@ class SIGRegLoss(nn.Module):
         seed: int = 0,
         chunk: int | None = None,
         gather_distributed: bool = False,
+        auto_step: bool = True,
     ) -> None:
         super().__init__()
         self.num_directions = check_int("num_directions", num_directions, min_value=1)
@@ -366,7 +482,28 @@ class SIGRegLoss(nn.Module):
         self.seed = check_int("seed", seed, min_value=0)
         self.chunk = chunk
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
+        self.auto_step = check_bool("auto_step", auto_step)
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def set_step(self, step: int) -> None:
+        """Set the step whose directions the next forward uses (e.g. the optimizer step).
+
+        Args:
+            step: Non-negative step; pass the same value on every rank.
+        """
+        check_int("step", step, min_value=0)
+        with torch.no_grad():
+            self.step.fill_(step)
+
+    def advance(self, num_steps: int = 1) -> None:
+        """Move to the directions of the next step (call once per ``optimizer.step()``).
+
+        Args:
+            num_steps: Steps to advance, >= 0.
+        """
+        check_int("num_steps", num_steps, min_value=0)
+        with torch.no_grad():
+            self.step.add_(num_steps)
 
     def directions(
         self,
@@ -385,38 +522,47 @@ class SIGRegLoss(nn.Module):
             dtype=dtype,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, return_terms: bool = False) -> Tensor | LossOutput:
         """SIGReg of ``x``.
 
         Args:
-            x: Embeddings of shape ``(N, D)`` or ``(V, N, D)``.
+            x: Embeddings of shape ``(N, D)``, or ``(V, N, D)`` for ``V`` views or groups:
+                the statistic is computed over the ``N`` rows of each group and averaged
+                over the groups, as lightly's ``SIGReg`` does with ``(..., N, C)``. For
+                ``(B, T, D)`` tokens this means one test per sample over its ``T`` tokens;
+                flatten to ``(B * T, D)`` to test all tokens together.
+            return_terms: Return ``LossOutput(total, {"sigreg": total})`` instead of the
+                Tensor.
 
         Returns:
-            Scalar tensor (float32, or float64 for float64 input).
+            Scalar tensor (float32, or float64 for float64 input); the ``"sigreg"`` term is
+            also stored detached in :attr:`last_terms`.
         """
         xv = _as_views(x)
+        check_same_device(("x", x), module=self)
         check_finite(("x", x))
         dtype = compute_dtype(x)
-        raw = _raw_directions(xv.shape[-1], self.num_directions, self.seed, int(self.step))
+        a, inverse_norms = _unit_directions(
+            xv.shape[-1], self.num_directions, self.seed, int(self.step), x.device, dtype
+        )
         with full_precision(x.device):
-            a = raw.to(device=x.device, dtype=dtype)
             value = _sigreg_value(
                 xv.to(dtype),
                 a,
-                _inverse_column_norms(a),
+                inverse_norms,
                 num_knots=self.num_knots,
                 t_max=self.t_max,
                 chunk=self.chunk,
                 distributed=self.gather_distributed,
             )
-        if self.training:
+        if self.training and self.auto_step:
             with torch.no_grad():
                 self.step.add_(1)
-        return value
+        return self._output(LossOutput(value, {"sigreg": value}), return_terms)
 
     def extra_repr(self) -> str:
         return (
             f"num_directions={self.num_directions}, num_knots={self.num_knots}, "
             f"t_max={self.t_max}, seed={self.seed}, chunk={self.chunk}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"gather_distributed={self.gather_distributed}, auto_step={self.auto_step}"
         )

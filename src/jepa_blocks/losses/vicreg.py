@@ -23,19 +23,31 @@ Implementation notes:
   the invariance term on the local batch and divides the covariance by the configured
   batch size.) Gradients follow the ``world_size * dL/dx_local`` convention of
   :mod:`jepa_blocks.distributed`, which DDP's averaging turns into the exact gradient.
-* NaN or Inf inputs raise ``ValueError`` (a value check).
+* NaN or Inf inputs raise ``ValueError`` (a value check), and so do finite inputs so
+  large that the loss overflows (the covariance term scales as the 4th power of the
+  inputs: float32 overflows for entries around 1e9 to 1e10), after the computation (a
+  second value check; with value checks off the Inf/NaN passes through). Inputs on two devices raise
+  ``ValueError`` (a metadata check).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from jepa_blocks._checks import check_bool, check_finite, check_float, check_row_pairs, check_tensor
+from jepa_blocks._checks import (
+    check_bool,
+    check_finite,
+    check_float,
+    check_overflow,
+    check_row_pairs,
+    check_same_device,
+    check_tensor,
+)
 from jepa_blocks._precision import compute_dtype, full_precision
 from jepa_blocks.distributed import gather_with_grad
-from jepa_blocks.losses.output import LossOutput
+from jepa_blocks.losses.output import LossModule, LossOutput
 
 __all__ = [
     "VICRegLoss",
@@ -46,23 +58,39 @@ __all__ = [
 ]
 
 
-def _check_batch(name: str, x: Tensor) -> Tensor:
-    check_tensor(name, x, ndim=2, kind="float")
+def _check_batch(name: str, x: Tensor, ndim: int | tuple[int, ...] = 2) -> Tensor:
+    check_tensor(name, x, ndim=ndim, kind="float")
     if x.shape[0] < 2:
         raise ValueError(
-            f"{name} must have at least 2 samples (shape (N, D) with N >= 2), "
+            f"{name} must have at least 2 samples (shape (N, D) or (N, T, D) with N >= 2), "
             f"got shape {tuple(x.shape)}"
         )
     return x
+
+
+_OVERFLOW_HINT = "normalise or scale down the embeddings, or pass float64 inputs"
+
+
+def _check_pair(x: Tensor, y: Tensor, names: tuple[str, str]) -> None:
+    """``check_row_pairs`` for ``(N, D)`` or ``(N, T, D)`` pairs."""
+    check_tensor(names[0], x, ndim=(2, 3), kind="float")
+    check_tensor(names[1], y, ndim=(2, 3), kind="float")
+    check_same_device((names[0], x), (names[1], y))
+    if x.shape != y.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape (N, D) or (N, T, D), got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    check_finite((names[0], x), (names[1], y))
 
 
 # ---- kernels on trusted, float32/float64 tensors ----------------------------------------
 
 
 def _centred_and_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Centred ``x`` (N, D) and unbiased per-feature variances (D,)."""
-    xc = x - x.mean(dim=0)
-    var = xc.square().sum(dim=0) / (x.shape[0] - 1)
+    """Centred ``x`` (..., N, D) and unbiased per-feature variances (..., D)."""
+    xc = x - x.mean(dim=-2, keepdim=True)
+    var = xc.square().sum(dim=-2) / (x.shape[-2] - 1)
     return xc, var
 
 
@@ -75,14 +103,15 @@ def _variance_term(var: Tensor, eps: float) -> Tensor:
 
 
 def _covariance_term(xc: Tensor, var: Tensor) -> Tensor:
-    n, d = xc.shape
+    """Covariance term of ``xc`` (..., N, D), averaged over the leading dims."""
+    n, d = xc.shape[-2:]
     if d == 1:  # no off-diagonal entries: an exact 0 that still has a (zero) gradient
         return xc.sum() * 0.0
     # sum_{i != j} cov_ij^2 = ||cov||_F^2 - sum_i cov_ii^2, and
     # ||xc^T xc||_F = ||xc xc^T||_F: use the smaller of the (D, D) and (N, N) products.
-    gram = xc @ xc.T if n < d else xc.T @ xc
-    fro2 = gram.square().sum() / float(n - 1) ** 2
-    return (fro2 - var.square().sum()) / d
+    gram = xc @ xc.mT if n < d else xc.mT @ xc
+    fro2 = gram.square().sum(dim=(-2, -1)) / float(n - 1) ** 2
+    return ((fro2 - var.square().sum(dim=-1)) / d).mean()
 
 
 # ---- public functions -------------------------------------------------------------------
@@ -101,7 +130,9 @@ def invariance_loss(x: Tensor, y: Tensor) -> Tensor:
     check_row_pairs(x, y, ("x", "y"))
     dtype = compute_dtype(x, y)
     with full_precision(x.device):
-        return F.mse_loss(x.to(dtype), y.to(dtype))
+        value = F.mse_loss(x.to(dtype), y.to(dtype))
+    check_overflow(value, ("x", x), ("y", y), what="the invariance loss", hint=_OVERFLOW_HINT)
+    return value
 
 
 def variance_loss(x: Tensor, eps: float = 1e-4) -> Tensor:
@@ -137,7 +168,9 @@ def covariance_loss(x: Tensor) -> Tensor:
     check_finite(("x", x))
     with full_precision(x.device):
         xc, var = _centred_and_var(x.to(compute_dtype(x)))
-        return _covariance_term(xc, var)
+        value = _covariance_term(xc, var)
+    check_overflow(value, ("x", x), what="the covariance loss", hint=_OVERFLOW_HINT)
+    return value
 
 
 def vicreg_loss(
@@ -153,8 +186,10 @@ def vicreg_loss(
     """VICReg loss of two embedding branches.
 
     Args:
-        x: Embeddings of the first view, shape ``(N, D)``.
-        y: Embeddings of the second view, shape ``(N, D)``.
+        x: Embeddings of the first view, shape ``(N, D)``, or ``(N, T, D)``: then every
+            term is computed at each position ``t`` over the batch and averaged over ``T``
+            (lightly's convention).
+        y: Embeddings of the second view, same shape as ``x``.
         lambda_param: Weight of the invariance term, >= 0.
         mu_param: Weight of the variance term, >= 0.
         nu_param: Weight of the covariance term, >= 0.
@@ -190,7 +225,7 @@ def _vicreg(
     gather_distributed: bool,
     names: tuple[str, str],
 ) -> LossOutput:
-    check_row_pairs(x, y, names)
+    _check_pair(x, y, names)
     lambda_param = check_float("lambda_param", lambda_param, min_value=0.0)
     mu_param = check_float("mu_param", mu_param, min_value=0.0)
     nu_param = check_float("nu_param", nu_param, min_value=0.0)
@@ -200,22 +235,37 @@ def _vicreg(
     with full_precision(x.device):
         x, y = x.to(dtype), y.to(dtype)
         if gather_distributed:
-            d = x.shape[1]
+            d = x.shape[-1]
             # One gather for both branches (same local batch size by construction).
-            xy = gather_with_grad(torch.cat([x, y], dim=1))
-            x, y = xy[:, :d], xy[:, d:]
-        _check_batch(names[0], x)
+            xy = gather_with_grad(torch.cat([x, y], dim=-1))
+            x, y = xy[..., :d], xy[..., d:]
+        _check_batch(names[0], x, ndim=(2, 3))
         inv = F.mse_loss(x, y)
+        if x.ndim == 3:  # (N, T, D): the terms of each position t over the batch, mean over T
+            x, y = x.transpose(0, 1), y.transpose(0, 1)
         xc, var_x = _centred_and_var(x)
         yc, var_y = _centred_and_var(y)
         var = 0.5 * (_variance_term(var_x, eps) + _variance_term(var_y, eps))
         cov = _covariance_term(xc, var_x) + _covariance_term(yc, var_y)
         total = lambda_param * inv + mu_param * var + nu_param * cov
+    # Finite inputs, non-finite loss: the covariance term grows as the 4th power of the
+    # input scale and overflows (a value check: one host sync).
+    check_overflow(total, (names[0], x), (names[1], y), what="the VICReg loss", hint=_OVERFLOW_HINT)
     return LossOutput(total, {"invariance": inv, "variance": var, "covariance": cov})
 
 
-class VICRegLoss(nn.Module):
-    """VICReg loss module (argument names as in lightly's ``VICRegLoss``).
+class VICRegLoss(LossModule):
+    """VICReg loss module, a drop-in for lightly's ``VICRegLoss``.
+
+    The argument names, defaults (25, 25, 1, eps 1e-4) and input shapes are lightly's:
+    ``(N, D)`` pairs, or ``(N, T, D)`` (e.g. tokens), for which every term is computed at
+    each position ``t`` over the batch and averaged over ``T`` (lightly's and VICRegL's
+    convention, not a flattening of the ``N * T`` rows). ``forward`` returns the weighted
+    total as a Tensor; the unweighted terms are in :attr:`last_terms` and, with
+    ``return_terms=True``, in the returned :class:`LossOutput`. One difference: with
+    ``gather_distributed=True`` the invariance term is computed on the global batch too
+    (lightly computes it on the local batch), which changes nothing when local batch sizes
+    are equal.
 
     Args:
         lambda_param: Weight of the invariance term.
@@ -228,9 +278,10 @@ class VICRegLoss(nn.Module):
     Example:
         >>> criterion = VICRegLoss()
         >>> z_a, z_b = torch.randn(8, 16), torch.randn(8, 16)
-        >>> loss, terms = criterion(z_a, z_b)
-        >>> sorted(terms)
-        ['covariance', 'invariance', 'variance']
+        >>> loss = criterion(z_a, z_b)
+        >>> loss.shape, sorted(criterion.last_terms)
+        (torch.Size([]), ['covariance', 'invariance', 'variance'])
+        >>> loss, terms = criterion(z_a, z_b, return_terms=True)
     """
 
     def __init__(
@@ -249,17 +300,19 @@ class VICRegLoss(nn.Module):
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.eps = check_float("eps", eps, min_value=0.0)
 
-    def forward(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
+    def forward(self, z_a: Tensor, z_b: Tensor, *, return_terms: bool = False) -> Tensor | LossOutput:
         """VICReg loss of two branches.
 
         Args:
-            z_a: Embeddings of the first view, shape ``(N, D)``.
-            z_b: Embeddings of the second view, shape ``(N, D)``.
+            z_a: Embeddings of the first view, shape ``(N, D)`` or ``(N, T, D)``.
+            z_b: Embeddings of the second view, same shape as ``z_a``.
+            return_terms: Return ``LossOutput(total, terms)`` (see :func:`vicreg_loss`)
+                instead of the Tensor.
 
         Returns:
-            ``LossOutput(total, terms)``, see :func:`vicreg_loss`.
+            The weighted scalar loss (float32, float64 for float64 input).
         """
-        return _vicreg(
+        out = _vicreg(
             z_a,
             z_b,
             lambda_param=self.lambda_param,
@@ -269,6 +322,7 @@ class VICRegLoss(nn.Module):
             gather_distributed=self.gather_distributed,
             names=("z_a", "z_b"),
         )
+        return self._output(out, return_terms)
 
     def extra_repr(self) -> str:
         return (

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from jepa_blocks._checks import check_grid, check_int, check_pair, check_tensor
+from jepa_blocks._checks import check_finite, check_grid, check_int, check_pair, check_tensor
 from jepa_blocks.masking._sampling import check_sampling
 from jepa_blocks.masking.collate import _SeededCollate
 from jepa_blocks.masking.crops import (  # also importable from here
@@ -214,7 +214,9 @@ class MultiCropMasker:
     The generator (default: the global RNG on CPU) draws, in order, the global boxes,
     the local boxes, the global masks and the local masks; same state, same batch. Boxes
     and masks are sampled on the generator's device, then everything is moved to the
-    images' device.
+    images' device. NaN/Inf images raise ``ValueError`` naming ``images`` while value
+    checks are enabled (one pass over the batch; in a ``DataLoader`` worker on the CPU,
+    no device sync); with value checks off they pass through to the crops that cover them.
 
     Returns:
         (MultiCropBatch): crops ``(B, G, C, Sg, Sg)`` and ``(B, Lc, C, Sl, Sl)``, their
@@ -295,6 +297,7 @@ class MultiCropMasker:
                 f"images must have height and width image_size={self.image_size}, got shape "
                 f"{tuple(images.shape)}"
             )
+        check_finite(("images", images))  # a value check: NaN pixels would give NaN crops
         generator, _, _ = check_sampling(generator)
         b = images.shape[0]
         common = {"image_size": self.image_size, "aspect": self.crop_aspect, "generator": generator}

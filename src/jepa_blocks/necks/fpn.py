@@ -14,7 +14,8 @@ Inputs may be maps ``(B, C, H, W)`` or ViT token grids ``(B, H * W, C)`` (row-ma
 then the upsampling is skipped.
 
 Features of another floating dtype than the weights are cast to it (unless autocast is
-on). NaN/Inf features raise ``ValueError`` (a value check).
+on). NaN/Inf features raise ``ValueError`` (a value check); features on another device
+than the weights raise ``ValueError`` (a metadata check).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jepa_blocks._checks import (
     check_finite,
     check_grid,
     check_int,
+    check_same_device,
     check_tensor,
     match_dtype,
 )
@@ -166,6 +168,7 @@ class FPNNeck(nn.Module):
         for i, x in enumerate(features):
             name, grid_name = f"features[{i}]", f"grid_sizes[{i}]"
             check_tensor(name, x, ndim=(3, 4), kind="float")
+            check_same_device((name, x), module=self)
             grid = None if grid_sizes is None else grid_sizes[i]
             if x.ndim == 3:
                 if x.shape[2] != self.in_channels[i]:

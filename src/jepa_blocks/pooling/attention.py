@@ -8,7 +8,11 @@ vector can weight tokens by content, at the cost of ``4 D^2 + D out_dim`` parame
 
 Padded tokens (``valid == False``, as in ``MaskIndices.valid``) are zeroed before any
 arithmetic and hidden from the attention, so their values (NaN included) never reach
-the output or the gradients. The result is invariant to the order of the tokens. The
+the output or the gradients. NaN/Inf in *real* tokens (and in queries) raise
+``ValueError`` while value checks are enabled (one host sync); with value checks off they
+pass through to the output of their sample. Tensors on another device than the module's
+parameters (or than ``keys``) raise ``ValueError``. The result is invariant to the order
+of the tokens. The
 attention itself is the library's one implementation,
 :func:`jepa_blocks.layers.attention.dot_product_attention` (fused SDPA, or the explicit
 form for bf16/fp16 on CPU).
@@ -21,9 +25,12 @@ from torch import nn
 
 from jepa_blocks._checks import (
     check_bool,
+    check_finite,
     check_float,
     check_int,
+    check_same_device,
     check_tensor,
+    has_data,
     match_dtype,
     value_checks_enabled,
 )
@@ -41,7 +48,7 @@ def _check_valid(valid: torch.Tensor | None, batch: int, n: int, *, allow_empty:
         raise ValueError(
             f"valid must have shape ({batch}, {n}) to match the tokens (B, N), got {tuple(valid.shape)}"
         )
-    if not allow_empty and value_checks_enabled():
+    if not allow_empty and value_checks_enabled() and has_data(valid):
         empty = ~valid.any(dim=1)
         if bool(empty.any()):
             raise ValueError(
@@ -103,6 +110,10 @@ def attention_pool(
             zero. ``False`` (default) raises a ``ValueError`` naming ``valid`` for such a
             sample (a value check).
 
+    NaN/Inf in the queries or in real (valid) keys/values raise ``ValueError`` naming
+    the argument (a value check); padded items may hold anything. All tensors must be on
+    the device of ``keys`` (``ValueError`` otherwise).
+
     Returns:
         Pooled values of shape ``(B, Q, Dv)`` in the dtype of the inputs.
 
@@ -115,6 +126,7 @@ def attention_pool(
     check_tensor("queries", queries, ndim=(2, 3), kind="float")
     check_tensor("keys", keys, ndim=3, kind="float")
     check_tensor("values", values, ndim=3, kind="float")
+    check_same_device(("keys", keys), ("queries", queries), ("values", values), ("valid", valid))
     num_heads = check_int("num_heads", num_heads, min_value=1)
     allow_empty = check_bool("allow_empty", allow_empty)
     b, n, d = keys.shape
@@ -136,6 +148,13 @@ def attention_pool(
             f"num_heads must divide the key width {d} and the value width {values.shape[-1]}, got {num_heads}"
         )
     _check_valid(valid, b, n, allow_empty=allow_empty)
+    if value_checks_enabled():  # real items only: padded ones may hold NaN
+        pad = None if valid is None else ~valid.unsqueeze(-1)
+        check_finite(
+            ("queries", queries),
+            ("keys", keys if pad is None else keys.masked_fill(pad, 0)),
+            ("values", values if pad is None else values.masked_fill(pad, 0)),
+        )
     return _attention_pool(queries, keys, values, valid, num_heads)
 
 
@@ -217,8 +236,12 @@ class AttentionPool(nn.Module):
 
         Returns:
             Pooled features of shape ``(B, Q, out_dim)``.
+
+        NaN/Inf in real tokens raise ``ValueError`` naming ``x`` while value checks are
+        enabled; ``x`` and ``valid`` must be on the module's device (``ValueError``).
         """
         check_tensor("x", x, ndim=3, kind="float")
+        check_same_device(("x", x), ("valid", valid), module=self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
         _check_valid(valid, x.shape[0], x.shape[1], allow_empty=self.allow_empty)
@@ -227,6 +250,7 @@ class AttentionPool(nn.Module):
             # Before the LayerNorm: NaN/Inf in padded slots would otherwise reach the
             # weight gradients of the projections through 0 * NaN.
             x = x.masked_fill(~valid.unsqueeze(-1), 0)
+        check_finite(("x", x))  # real tokens only (a value check)
         k, v = self.kv(self.norm(x)).chunk(2, dim=-1)  # (B, N, D) each
         q = self.q(self.query_tokens).to(k.dtype)  # (Q, D); same dtype as k under autocast
         out = self.proj(_attention_pool(q, k, v, valid, self.num_heads))  # (B, Q, out_dim)

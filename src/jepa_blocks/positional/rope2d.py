@@ -14,9 +14,11 @@ the RoFormer paper). V-JEPA 2 tiles its sin/cos with ``repeat`` instead of
 ``repeat_interleave`` so that a channel pair is rotated by two different angles, which
 breaks the relative-position property (its PR 15); the tests here check the property.
 
-``RoPE2D.forward`` rejects NaN/Inf positions with ``ValueError`` (a value check). ``q``
-and ``k`` pass through unchecked, and :func:`rope_2d_angles` / :meth:`RoPE2D.cos_sin`,
-which encoders call on every forward with positions they built themselves, never sync.
+``RoPE2D.forward`` rejects NaN/Inf positions with ``ValueError`` (a value check), and
+``k`` or ``positions`` on another device than ``q`` (a metadata check). NaN in ``q`` and
+``k`` passes through unchecked (to the rows that hold it only), and
+:func:`rope_2d_angles` / :meth:`RoPE2D.cos_sin`, which encoders call on every forward
+with positions they built themselves, never sync.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jepa_blocks._checks import check_finite, check_float, check_int, check_tensor
+from jepa_blocks._checks import (
+    check_finite,
+    check_float,
+    check_int,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["rope_2d_angles", "apply_rotary", "RoPE2D"]
 
@@ -149,6 +157,7 @@ class RoPE2D(nn.Module):
             if t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must have head_dim {self.head_dim} last, got shape {tuple(t.shape)}")
         check_tensor("positions", positions, ndim=(2, 3), kind="float")
+        check_same_device(("q", q), ("k", k), ("positions", positions))
         if positions.shape[-2] != q.shape[-2] or positions.shape[-2] != k.shape[-2]:
             raise ValueError(
                 f"positions must have N = {q.shape[-2]} rows matching q and k, got shape "

@@ -12,15 +12,34 @@ the predictor width, one learnable mask token, fixed 2D sin-cos positions, conte
 followed by one query per target position, pre-norm ViT blocks, a final norm and a linear
 head back to the encoder width, read only at the queries.
 
-Sequence layout (one per target block; I-JEPA repeats the context for every block)::
+Two sequence layouts (constructor argument ``mode``); in both, each target block's
+predictions depend on the context and on that block only, never on the other blocks.
+
+``mode="per_block"`` (default, I-JEPA): one sequence per target block, so the context is
+repeated (and recomputed) for every block::
 
     [ c_0 .. c_{Nc-1} | q_0 .. q_{K_l-1} , pad .. pad ]     length Nc + Q, Q = max_l K_l
       context tokens    the block's queries, padded to Q
 
 All blocks of all levels run batched in one pass of ``B * sum_l M_l`` sequences, ordered
 sample-major: sequence ``b * M_total + j`` holds block ``j`` of sample ``b`` where the
-blocks of level 0 come first, then those of level 1, and so on. Padded context tokens and
-padded queries are hidden as attention keys, so they never change a real query's output.
+blocks of level 0 come first, then those of level 1, and so on. Attention is full inside a
+sequence: the context tokens attend to the block's queries too.
+
+``mode="shared_context"``: one sequence per sample, the context once, then every block of
+level 0 (each padded to ``K_0``), of level 1 (padded to ``K_1``), and so on::
+
+    [ c_0 .. c_{Nc-1} | block 0 of level 0 | .. | block M_0-1 of level 0 | block 0 of level 1 | .. ]
+
+with restricted attention (``jepa_blocks.predictors._shared_context``): the context tokens
+attend to the context only, so they are computed once whatever the queries, and the
+queries of a block attend to the context and to their own block only. Per-token layers run
+on ``B * (Nc + sum_l M_l K_l)`` tokens instead of ``B * sum_l M_l (Nc + Q)``; no score
+matrix over all blocks is formed. It is not numerically the per-block mode: there the
+context features also see the block's queries.
+
+In both layouts padded context tokens and padded queries are hidden as attention keys, so
+they never change a real query's output.
 
 Inputs are validated at ``forward``; a ``context`` with NaN/Inf and ids outside their
 level grid raise ``ValueError`` (value checks). A ``context`` of another floating dtype
@@ -54,6 +73,7 @@ from jepa_blocks._checks import (
     check_grid,
     check_index_range,
     check_int,
+    check_same_device,
     check_tensor,
     match_dtype,
 )
@@ -67,6 +87,7 @@ from jepa_blocks.layers import (
 from jepa_blocks.masking.indices import MaskIndices
 from jepa_blocks.positional.rope2d import RoPE2D
 from jepa_blocks.positional.sincos import sincos_2d
+from jepa_blocks.predictors._shared_context import block_key_mask, shared_context_block
 
 __all__ = ["HierarchicalPredictor"]
 
@@ -187,6 +208,15 @@ class HierarchicalPredictor(nn.Module):
         rope_theta: RoPE frequency base.
         fused_attn: Use ``scaled_dot_product_attention`` (``False``: explicit softmax).
         grad_checkpointing: Recompute each block in the backward pass while training.
+        mode: Sequence layout. ``"per_block"`` (I-JEPA): one ``[context ; queries]``
+            sequence per target block, so the context goes through the predictor once per
+            block and also attends to that block's queries. ``"shared_context"``: one
+            sequence per sample; the context attends to the context only and is computed
+            once, each block's queries attend to the context and to their own block only.
+            Both keep every block's predictions independent of the other blocks; the
+            context features differ (in ``"shared_context"`` they do not see the
+            queries), and drop path draws once per sample instead of once per block. Same
+            parameters in both modes (a ``state_dict`` loads into either).
 
     Shapes:
         context: ``(B, Nc, D)``; context_indices: ``(B, Nc)`` ids on the level-0 grid;
@@ -230,6 +260,7 @@ class HierarchicalPredictor(nn.Module):
         rope_theta: float = 100.0,
         fused_attn: bool = True,
         grad_checkpointing: bool = False,
+        mode: Literal["per_block", "shared_context"] = "per_block",
     ) -> None:
         super().__init__()
         self.grid_size = None if grid_size is None else check_grid("grid_size", grid_size)
@@ -258,6 +289,7 @@ class HierarchicalPredictor(nn.Module):
         rope_theta = check_float("rope_theta", rope_theta, min_value=1.0, min_inclusive=False)
         fused_attn = check_bool("fused_attn", fused_attn)
         self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
+        self.mode = check_choice("mode", mode, ("per_block", "shared_context"))
         head_dim = predictor_dim // num_heads
         if self.pos_embed == "sincos" and predictor_dim % 4:
             raise ValueError(
@@ -441,6 +473,7 @@ class HierarchicalPredictor(nn.Module):
             finite values; mask them with ``targets[l].valid``.
         """
         check_tensor("context", context, ndim=3, kind="float")
+        check_same_device(("context", context), module=self)
         if num_levels is not None:
             num_levels = check_int("num_levels", num_levels, min_value=1, max_value=self.num_levels)
         num_levels = self.num_levels if num_levels is None else num_levels
@@ -465,10 +498,40 @@ class HierarchicalPredictor(nn.Module):
         check_finite(("context", context))
         context = match_dtype(context, self.predictor_embed.weight.dtype)
 
-        ids, valid, block_level = _pack_blocks(levels, tables.offsets[:num_levels])  # (B, Mt, Q), (Mt,)
-        mt, q = ids.shape[1], ids.shape[2]
         x = self.predictor_embed(context)  # (B, Nc, P)
-        p = x.shape[-1]
+        if self.mode == "per_block":
+            feats = self._predict_per_block(x, ctx, levels, tables)
+        elif self.mode == "shared_context":
+            feats = self._predict_shared_context(x, ctx, levels, tables)
+        else:  # the attribute was reassigned after construction
+            check_choice("mode", self.mode, ("per_block", "shared_context"))
+        outputs = []
+        for lvl, f in enumerate(feats):
+            pred = self.heads[lvl](f)  # (B, M_l, K_l, out_dim_l)
+            outputs.append(pred.squeeze(1) if squeeze[lvl] else pred)
+        return outputs
+
+    def _apply_block(self, fn: Callable[..., torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+        """``fn(*args, **kwargs)``, recomputed in the backward pass while checkpointing."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _predict_per_block(
+        self, x: torch.Tensor, ctx: MaskIndices, levels: list[MaskIndices], tables: _GridTables
+    ) -> list[torch.Tensor]:
+        """I-JEPA layout: one ``[context ; queries]`` sequence per block (module docstring).
+
+        Args:
+            x: Embedded context ``(B, Nc, P)``; ctx: its ids ``(B, Nc)``; levels: targets
+            ``(B, M_l, K_l)`` per level.
+
+        Returns:
+            Normed query features ``(B, M_l, K_l, P)`` per level.
+        """
+        b, nc, p = x.shape
+        ids, valid, block_level = _pack_blocks(levels, tables.offsets[: len(levels)])  # (B, Mt, Q), (Mt,)
+        mt, q = ids.shape[1], ids.shape[2]
         if mt * q == 0:  # nothing to predict
             out = x.new_zeros(b, mt, q, p)
         else:
@@ -487,24 +550,54 @@ class HierarchicalPredictor(nn.Module):
                 seq_ids = torch.cat((ctx.indices.unsqueeze(1).expand(b, mt, nc), ids), dim=2)
                 seq_ids = seq_ids.flatten(0, 1)  # (B*Mt, Nc+Q) rows of the position tables
                 rope = (tables.cos[seq_ids].unsqueeze(1), tables.sin[seq_ids].unsqueeze(1))
-            use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.blocks:
-                if use_ckpt:
-                    seq = checkpoint(block, seq, rope=rope, attn_mask=attn_mask, use_reentrant=False)
-                else:
-                    seq = block(seq, rope=rope, attn_mask=attn_mask)
+                seq = self._apply_block(block, seq, rope=rope, attn_mask=attn_mask)
             out = self.norm(seq[:, nc:]).reshape(b, mt, q, p)  # queries only
-
-        outputs, start = [], 0
-        for lvl, t in enumerate(levels):
+        feats, start = [], 0
+        for t in levels:
             m, k = t.shape[1], t.shape[2]
-            pred = self.heads[lvl](out[:, start : start + m, :k])  # (B, M_l, K_l, out_dim_l)
-            outputs.append(pred.squeeze(1) if squeeze[lvl] else pred)
+            feats.append(out[:, start : start + m, :k])
             start += m
-        return outputs
+        return feats
+
+    def _predict_shared_context(
+        self, x: torch.Tensor, ctx: MaskIndices, levels: list[MaskIndices], tables: _GridTables
+    ) -> list[torch.Tensor]:
+        """Shared-context layout: one sequence per sample (module docstring).
+
+        Same arguments and return as :meth:`_predict_per_block`.
+        """
+        b, nc, p = x.shape
+        groups = [(t.shape[1], t.shape[2]) for t in levels]  # (M_l, K_l) per level
+        if sum(m * k for m, k in groups) == 0:  # nothing to predict
+            return [x.new_zeros(b, m, k, p) for m, k in groups]
+        ids = [t.indices + off for t, off in zip(levels, tables.offsets, strict=False)]  # table rows
+        queries = [self.mask_tokens[lvl].to(x.dtype).expand(b, m, k, p) for lvl, (m, k) in enumerate(groups)]
+        if self.pos_embed == "sincos":
+            table = tables.pos.to(x.dtype)
+            x = x + table[ctx.indices]
+            queries = [qu + table[i] for qu, i in zip(queries, ids, strict=True)]
+        # [context | level 0's blocks, M_0 x K_0 | level 1's blocks | ...], (B, N, P)
+        seq = torch.cat([x, *(qu.flatten(1, 2) for qu in queries)], dim=1)
+        rope = None
+        if self.pos_embed == "rope":
+            seq_ids = torch.cat([ctx.indices, *(i.flatten(1, 2) for i in ids)], dim=1)  # (B, N)
+            rope = (tables.cos[seq_ids].unsqueeze(1), tables.sin[seq_ids].unsqueeze(1))
+        context_mask = attention_mask_from_valid(ctx.valid)  # (B, 1, 1, Nc) or None
+        key_masks = [block_key_mask(ctx.valid, t.valid) for t in levels]
+        for i, block in enumerate(self.blocks):
+            seq = self._apply_block(
+                shared_context_block, block, seq, num_context=nc, groups=groups, rope=rope,
+                context_mask=context_mask, key_masks=key_masks,
+                # The last block skips the context rows: their outputs are never read.
+                keep_context=i < len(self.blocks) - 1,
+            )
+        out = self.norm(seq)  # (B, N - Nc, P): queries only
+        chunks = out.split([m * k for m, k in groups], dim=1)
+        return [c.unflatten(1, (m, k)) for c, (m, k) in zip(chunks, groups, strict=True)]
 
     def extra_repr(self) -> str:
         return (
             f"grid_size={self.grid_size}, num_levels={self.num_levels}, "
-            f"out_dims={self.out_dims}, pos_embed={self.pos_embed!r}"
+            f"out_dims={self.out_dims}, pos_embed={self.pos_embed!r}, mode={self.mode!r}"
         )

@@ -18,6 +18,15 @@ Codes whose EMA count falls far below the mean are *dead*: every ``refresh_every
 training steps they are re-initialised from rows of a ring buffer of recent encoder outputs
 (random restarts as in Jukebox, Dhariwal et al. 2020), so the whole codebook stays in use.
 
+Large inputs: squared distances sum ``D`` squares of differences of entries, and the
+commitment loss sums ``M D`` of them for ``M`` rows, so in float32 entries beyond
+``sqrt(max_float / n) / 2`` (``n = D`` for the distances, ``M D`` for the loss; ``~9e17``
+for ``n = 96``) can overflow to Inf (and ``Inf - Inf`` to NaN in the argmin), which
+silently picks wrong codes and an infinite loss. While value checks are on, the NaN/Inf
+check of the inputs also rejects entries above that bound (``ValueError`` naming the
+argument, in the same single host sync); with value checks off such inputs pass through
+unchecked. Tensors on another device than the codebook raise ``ValueError``.
+
 Pure functions first (:func:`squared_distances`, :func:`nearest_codes`,
 :func:`codebook_from_ema`, :func:`code_perplexity`, :func:`codebook_usage`), then
 :class:`VectorQuantizer`, which owns the codebook, the EMA statistics, the ring buffer and
@@ -26,6 +35,7 @@ the step counter as buffers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +50,7 @@ from jepa_blocks._checks import (
     check_float,
     check_index_range,
     check_int,
+    check_same_device,
     check_tensor,
     has_data,
     value_checks_enabled,
@@ -65,15 +76,38 @@ _MAX_CODES = 2**24
 _BLOCK_ELEMENTS = 2**22
 
 
+def _max_abs_entry(count: int, dtype: torch.dtype = torch.float32) -> float:
+    """Largest entry magnitude the quantiser accepts: ``sqrt(finfo(dtype).max / count) / 2``.
+
+    Below it, a sum of ``count`` squared differences of such entries (a squared distance
+    ``||z - e||^2`` for ``count = D``, the commitment loss's sum for ``count = M D``), and
+    every score of the argmin, stays finite in ``dtype``.
+
+    Args:
+        count: Number of squares summed, ``>= 1``.
+        dtype: Computation dtype (``float32``, or ``float64`` for float64 inputs).
+    """
+    return math.sqrt(torch.finfo(dtype).max / max(count, 1)) / 2
+
+
+def _check_magnitude(*items: tuple[str, Tensor], count: int, dtype: torch.dtype) -> None:
+    """Finite, and below :func:`_max_abs_entry` (a value check: one host sync)."""
+    limit = _max_abs_entry(count, dtype)
+    reason = f"sums of {count} squares overflow {dtype} beyond sqrt(max / {count}) / 2"
+    check_finite(*items, max_abs=limit, reason=reason)
+
+
 def _check_rows_and_codebook(z: Tensor, codebook: Tensor) -> None:
     check_tensor("z", z, ndim=2, kind="float", allow_empty=True)
     check_tensor("codebook", codebook, ndim=2, kind="float")
+    check_same_device(("z", z), ("codebook", codebook))
     if z.shape[1] != codebook.shape[1]:
         raise ValueError(
             f"z must have the codebook's feature dim {codebook.shape[1]} in dim 1, "
             f"got shape {tuple(z.shape)}"
         )
-    check_finite(("z", z), ("codebook", codebook))  # a value check (one host sync)
+    dtype = compute_dtype(z, codebook)
+    _check_magnitude(("z", z), ("codebook", codebook), count=z.shape[1], dtype=dtype)
 
 
 def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
@@ -395,6 +429,8 @@ class VectorQuantizer(nn.Module):
         self._host_steps: int | None = 0
         self._host_seen: int | None = 0
         self._host_initialized: bool | None = self.init == "normal"
+        # The loss convention of jepa_blocks.losses: named terms of the last call, detached.
+        self.last_terms: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- counters
 
@@ -445,7 +481,8 @@ class VectorQuantizer(nn.Module):
                 f"codebook must have shape ({self.num_codes}, {self.dim}), "
                 f"got {tuple(codebook.shape)}"
             )
-        check_finite(("codebook", codebook))
+        check_same_device(("codebook", codebook), module=self)
+        _check_magnitude(("codebook", codebook), count=self.dim, dtype=self.codebook.dtype)
         self.codebook.copy_(codebook)
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(self.codebook)
@@ -466,6 +503,7 @@ class VectorQuantizer(nn.Module):
             ``perplexity`` and ``usage`` (0-dim).
         """
         check_tensor("z", z, ndim=range(1, 33), kind="float")
+        check_same_device(("z", z), module=self)
         if z.shape[-1] != self.dim:
             raise ValueError(f"z must have feature dim {self.dim} last, got shape {tuple(z.shape)}")
         if self.codebook.dtype not in (torch.float32, torch.float64):
@@ -484,7 +522,7 @@ class VectorQuantizer(nn.Module):
                 if not self._is_initialized():
                     self._init_from_data(flat, sizes)
             else:
-                check_finite(("z", flat))
+                _check_magnitude(("z", flat), count=flat.numel(), dtype=dtype)
             codes = _nearest(flat, self.codebook, max(1, _BLOCK_ELEMENTS // self.num_codes))
             q = self.codebook[codes]  # (M, D): a copy, unaffected by the update below
             loss = self.commitment_weight * (rows - q).square().mean()
@@ -496,6 +534,7 @@ class VectorQuantizer(nn.Module):
             usage = (counts > 0).to(dtype).mean()
         # Straight-through: the value is q exactly (z - z.detach() == 0), the gradient is 1.
         quantized = q.to(z.dtype).reshape(z.shape) + (z - z.detach())
+        self.last_terms = {"commitment": loss.detach(), "perplexity": perplexity, "usage": usage}
         return VQOutput(
             quantized=quantized,
             codes=codes.reshape(lead),
@@ -510,17 +549,20 @@ class VectorQuantizer(nn.Module):
         return self.gather_distributed and is_distributed()
 
     def _check_and_exchange_sizes(self, flat: Tensor) -> list[int] | None:
-        """Finiteness check; with gathering, every rank's row count (``None`` otherwise).
+        """Finiteness and magnitude check; with gathering, every rank's row count (``None``
+        otherwise).
 
         With gathering the non-finite flags travel with the sizes, so that all ranks raise
         together instead of the healthy ones waiting in the next collective.
         """
         if not self._gathering():
-            check_finite(("z", flat))
+            _check_magnitude(("z", flat), count=flat.numel(), dtype=flat.dtype)
             return None
+        limit = _max_abs_entry(flat.numel(), flat.dtype)
         bad = 0
-        if value_checks_enabled():
-            bad = (~torch.isfinite(flat)).any().long()
+        if value_checks_enabled() and flat.numel():
+            low, high = torch.aminmax(flat)  # NaN if an entry is NaN, compares False
+            bad = (~(torch.maximum(-low, high) <= limit)).long()
         payload = torch.stack(
             [
                 torch.tensor(flat.shape[0], device=flat.device),
@@ -532,7 +574,10 @@ class VectorQuantizer(nn.Module):
         table = torch.stack(parts).tolist()
         bad_ranks = [r for r, (_, b) in enumerate(table) if b]
         if bad_ranks:
-            raise ValueError(f"z must be finite, got NaN or Inf values on rank(s) {bad_ranks}")
+            raise ValueError(
+                f"z must be finite with entries of magnitude <= {limit:.3g} (sums of squares "
+                f"overflow beyond), got NaN, Inf or larger values on rank(s) {bad_ranks}"
+            )
         return [int(m) for m, _ in table]
 
     def _tail_block(self, rows: Tensor, sizes: list[int], keep: int) -> Tensor:

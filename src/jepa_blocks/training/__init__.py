@@ -3,7 +3,8 @@
 * :mod:`~jepa_blocks.training.schedules`: warmup-cosine learning rate, cosine weight-decay
   ramp, and :class:`OptimizerScheduler`, which writes both into an optimizer.
 * :mod:`~jepa_blocks.training.param_groups`: decayed / not-decayed parameter groups.
-* :mod:`~jepa_blocks.training.checkpoint`: atomic save and checked load.
+* :mod:`~jepa_blocks.training.checkpoint`: atomic save, checked load (CRC-32 of every
+  record) and :func:`load_latest_good`, the fallback to the newest undamaged checkpoint.
 * :mod:`~jepa_blocks.training.best_checkpoints`: keep the best ``N`` checkpoints by a metric.
 * :mod:`~jepa_blocks.training.rng`: capture and restore every global RNG, for an exact resume.
 * :mod:`~jepa_blocks.training.resumable`: a seeded, rank-sharded sampler and per-sample
@@ -16,7 +17,9 @@ from jepa_blocks.training.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
+    UnverifiedCheckpointWarning,
     load_checkpoint,
+    load_latest_good,
     save_checkpoint,
 )
 from jepa_blocks.training.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -40,9 +43,11 @@ __all__ = [
     "OptimizerScheduler",
     "ResumableSampler",
     "SeededDataset",
+    "UnverifiedCheckpointWarning",
     "cosine_ramp",
     "is_no_decay",
     "load_checkpoint",
+    "load_latest_good",
     "param_groups_for_weight_decay",
     "rng_state",
     "sample_seed",

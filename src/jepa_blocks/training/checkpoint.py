@@ -7,8 +7,25 @@
   untouched; a killed writer may leave its ``*.tmp-<pid>`` file behind, which is never
   read and safe to delete.
 * :func:`load_checkpoint` raises :class:`CheckpointError` (a ``ValueError``) naming the
-  file and the problem: missing, empty, truncated or corrupt, not a jepa-blocks
-  checkpoint, or written by a newer format.
+  file and the problem: missing, empty, truncated or corrupt, damaged (a record whose
+  bytes no longer match their CRC-32), not a jepa-blocks checkpoint, or written by a
+  newer format.
+* :func:`load_latest_good` loads the newest checkpoint of a run folder that passes
+  these checks: ``last.pt``, then ``last.pt.prev``, then the kept ``best-*.pt`` files,
+  newest first; each file it skips is named in a warning.
+
+Integrity: ``torch.save`` writes a zip archive in which every record (the pickle and
+one record per tensor storage) carries the CRC-32 of its bytes, but ``torch.load`` never
+checks them, so flipped bytes inside a tensor load silently as wrong values.
+:func:`save_checkpoint` makes sure the CRC-32s are written (even where
+``torch.serialization.set_crc32_options(False)`` turned them off) and
+:func:`load_checkpoint` reads every record once and compares it with its CRC-32 before
+unpickling (``verify=True``, the default; about the cost of reading the file once more).
+Checkpoints written by earlier jepa-blocks versions carry the CRC-32s too and are
+verified the same way. A file whose records all have a zero CRC-32 (written by
+``torch.save`` with CRC-32s turned off) cannot be verified: it loads with a
+:class:`UnverifiedCheckpointWarning`. CRC-32 catches accidental damage (bad disks,
+cut-off copies, flipped bits), not deliberate tampering.
 
 Best-N retention is :class:`~jepa_blocks.training.best_checkpoints.BestCheckpoints`; the
 RNG state of an exact resume is :func:`~jepa_blocks.training.rng.rng_state` (both stay
@@ -28,12 +45,14 @@ A checkpoint file holds ``{"jepa_blocks_checkpoint": <format version>, "metadata
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
 import time
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +64,10 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "Checkpoint",
+    "UnverifiedCheckpointWarning",
     "save_checkpoint",
     "load_checkpoint",
+    "load_latest_good",
 ]
 
 FORMAT_VERSION = 1
@@ -57,11 +78,16 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, foreign or from a newer format."""
 
 
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint loaded without an integrity check (its records carry no CRC-32)."""
+
+
 class Checkpoint(dict):
     """The state dict given to :func:`save_checkpoint`, plus the file's ``metadata``.
 
     ``metadata`` holds ``format_version``, ``library_version``, ``torch_version``,
-    ``time`` (seconds since the epoch) and ``time_utc`` (ISO 8601).
+    ``time`` (seconds since the epoch) and ``time_utc`` (ISO 8601). ``path`` is the file
+    it was loaded from (``None`` for one built by hand).
 
     Example:
         >>> import tempfile, torch
@@ -73,10 +99,14 @@ class Checkpoint(dict):
     """
 
     metadata: dict[str, Any]
+    path: Path | None
 
-    def __init__(self, state: Mapping[str, Any], metadata: dict[str, Any]) -> None:
+    def __init__(
+        self, state: Mapping[str, Any], metadata: dict[str, Any], path: Path | None = None
+    ) -> None:
         super().__init__(state)
         self.metadata = metadata
+        self.path = path
 
 
 def _library_version() -> str:
@@ -186,8 +216,56 @@ def save_checkpoint(
 
             shutil.copy2(path, previous)
 
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    with _crc32_on():
+        _atomic_write(path, lambda f: torch.save(payload, f))
     return path
+
+
+@contextlib.contextmanager
+def _crc32_on() -> Iterator[None]:
+    """Make ``torch.save`` write the CRC-32 of every record (torch's global option)."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    set_ = getattr(torch.serialization, "set_crc32_options", None)
+    if get is None or set_ is None or get():  # older torch always writes them
+        yield
+        return
+    set_(True)
+    try:
+        yield
+    finally:
+        set_(False)
+
+
+def _verify_records(path: Path) -> None:
+    """Read every record of the zip archive at ``path`` and compare it with its CRC-32.
+
+    Raises:
+        CheckpointError: Naming the file and the first damaged record.
+    """
+    name = "<central directory>"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if not any(info.CRC for info in infos if info.file_size):
+                warnings.warn(
+                    f"checkpoint file '{path}' carries no CRC-32s (written with torch's "
+                    "CRC-32 option off): it is loaded without an integrity check",
+                    UnverifiedCheckpointWarning,
+                    stacklevel=3,
+                )
+                return
+            for info in infos:
+                name = info.filename
+                # ZipExtFile compares the CRC-32 when the record has been read to its end.
+                with archive.open(info) as record:
+                    while record.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
+        raise CheckpointError(
+            f"checkpoint file '{path}' is damaged: record '{name}' does not match its "
+            f"CRC-32 or cannot be read ({err}); resume from an earlier checkpoint "
+            "(load_latest_good)"
+        ) from err
 
 
 def _has_torch_record(path: Path) -> bool:
@@ -214,6 +292,7 @@ def load_checkpoint(
     *,
     map_location: Any = "cpu",
     weights_only: bool = True,
+    verify: bool = True,
 ) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
@@ -222,17 +301,23 @@ def load_checkpoint(
         map_location: Passed to ``torch.load``; default ``"cpu"``.
         weights_only: Passed to ``torch.load``. Keep True (safe: no arbitrary code runs)
             unless the file is trusted and holds objects outside torch's allow-list.
+        verify: Compare every record of the file with its CRC-32 before loading (reads
+            the file once more). A file without CRC-32s loads with an
+            :class:`UnverifiedCheckpointWarning`.
 
     Returns:
-        The saved state dict, as a :class:`Checkpoint` with a ``metadata`` attribute.
+        The saved state dict, as a :class:`Checkpoint` with ``metadata`` and ``path``
+        attributes.
 
     Raises:
         CheckpointError: Naming the file, if it is missing, a directory, empty, truncated
-            or corrupt, not loadable with ``weights_only=True``, not a jepa-blocks
-            checkpoint, or written with a newer format version.
+            or corrupt, damaged (a record that does not match its CRC-32), not loadable
+            with ``weights_only=True``, not a jepa-blocks checkpoint, or written with a
+            newer format version.
     """
     path = _as_path("path", path)
     weights_only = check_bool("weights_only", weights_only)
+    verify = check_bool("verify", verify)
     if not path.exists():
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
     if path.is_dir():
@@ -253,6 +338,8 @@ def load_checkpoint(
             f"'{path}' is not a jepa-blocks checkpoint: it is a zip archive without the "
             "'<name>/data.pkl' record that torch.save writes"
         )
+    if verify:
+        _verify_records(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:
@@ -291,7 +378,93 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint file '{path}' is malformed: 'state' and 'metadata' must be dicts"
         )
-    return Checkpoint(state, metadata)
+    return Checkpoint(state, metadata, path)
+
+
+def _first_number(name: str) -> int:
+    match = re.search(r"\d+", name)
+    return int(match.group()) if match else -1
+
+
+def load_latest_good(
+    directory: str | os.PathLike[str],
+    *,
+    last_name: str = "last.pt",
+    pattern: str = "best-*.pt",
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+) -> Checkpoint | None:
+    """Load the newest checkpoint of a run folder that :func:`load_checkpoint` accepts.
+
+    Candidates, in this order: ``directory/<last_name>``, ``directory/<last_name>.prev``
+    (see ``keep_previous`` of :func:`save_checkpoint`), then the files matching
+    ``pattern`` (the kept checkpoints of
+    :class:`~jepa_blocks.training.best_checkpoints.BestCheckpoints`), newest first: by
+    the first number in the file name (the zero-padded step of ``best-<step>-...``),
+    then by modification time. Missing candidates are passed over silently; each
+    candidate that exists but fails to load is named, with the reason, in a
+    ``UserWarning``. The file used is ``checkpoint.path``.
+
+    Args:
+        directory: The run folder.
+        last_name: File name of the latest checkpoint.
+        pattern: Glob of the earlier checkpoints kept in ``directory``.
+        map_location: Passed to :func:`load_checkpoint`.
+        weights_only: Passed to :func:`load_checkpoint`.
+
+    Returns:
+        The newest good checkpoint, or ``None`` if ``directory`` holds no candidate.
+
+    Raises:
+        CheckpointError: If ``directory`` is missing or not a directory, or if candidates
+            exist but none loads (each is named with its reason).
+        TypeError: An argument of the wrong type.
+        ValueError: An empty or absolute ``last_name`` or ``pattern``, or a ``last_name``
+            with a folder in it.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_checkpoint(d + "/best-00000100-knn=0.5.pt", {"step": 100})
+        >>> _ = save_checkpoint(d + "/last.pt", {"step": 150})
+        >>> _ = open(d + "/last.pt", "wb").write(b"damaged")
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     ckpt = load_latest_good(d)
+        >>> ckpt["step"], ckpt.path.name
+        (100, 'best-00000100-knn=0.5.pt')
+    """
+    directory = _as_path("directory", directory)
+    for arg, value in (("last_name", last_name), ("pattern", pattern)):
+        if not isinstance(value, str):
+            raise TypeError(f"{arg} must be a non-empty str, got {value!r}")
+        if not value or os.path.isabs(value):
+            raise ValueError(f"{arg} must be a non-empty name relative to directory, got {value!r}")
+    if Path(last_name).name != last_name:
+        raise ValueError(f"last_name must be a file name without a folder, got {last_name!r}")
+    weights_only = check_bool("weights_only", weights_only)
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory '{directory}' {what}")
+    first = [directory / last_name, directory / f"{last_name}.prev"]
+    kept = sorted(
+        (p for p in directory.glob(pattern) if p.is_file() and p not in first),
+        key=lambda p: (_first_number(p.name), p.stat().st_mtime, p.name),
+        reverse=True,
+    )
+    failures: list[str] = []
+    for candidate in [p for p in first if p.exists()] + kept:
+        try:
+            return load_checkpoint(candidate, map_location=map_location, weights_only=weights_only)
+        except CheckpointError as err:
+            failures.append(str(err))
+            warnings.warn(f"skipping checkpoint '{candidate}': {err}", UserWarning, stacklevel=2)
+    if failures:
+        raise CheckpointError(
+            f"no loadable checkpoint in '{directory}': " + "; ".join(failures)
+        )
+    return None
 
 
 # Names that moved to their own modules and stay importable from here. Loaded on first

@@ -9,6 +9,14 @@ towards zero only removes information.
 The no-decay groups carry ``"apply_wd": False``, so that
 :class:`~jepa_blocks.training.schedules.OptimizerScheduler` keeps their weight decay at
 0 while it ramps the decayed group.
+
+On a timm ViT the split equals timm's ``param_groups_weight_decay(model,
+no_weight_decay_list=model.no_weight_decay())`` (tested). It is kept rather than replaced
+by timm's because it (1) recognises learned input tokens by name in any module (the
+predictors' ``mask_tokens`` / ``level_tokens`` matrices, which timm decays unless each
+model lists them), (2) takes several modules and counts shared parameters once, and (3)
+keeps the decayed group, flagged ``apply_wd``, when the weight decay starts at 0 (timm
+then puts every parameter in its no-decay group, and a ramp could not reach them).
 """
 
 from __future__ import annotations

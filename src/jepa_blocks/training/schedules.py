@@ -7,7 +7,8 @@ cosine from 0.04 to 0.4. Biases and 1-D parameters get no weight decay.
 Pure functions first (:func:`warmup_cosine`, :func:`cosine_ramp`), then
 :class:`OptimizerScheduler`, which writes both schedules into an optimizer's parameter
 groups and keeps its step counter in ``state_dict`` so that a resumed run continues
-exactly where it stopped.
+exactly where it stopped. It is a ``torch.optim.lr_scheduler.LRScheduler``, so frameworks
+that accept torch's schedulers (Lightning) accept it.
 
 Steps are *optimizer* steps, counted from 0. With gradient accumulation over ``k``
 micro-batches there is one optimizer step per ``k`` micro-batches: size ``total_steps``
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from jepa_blocks._checks import check_float, check_int
 from jepa_blocks._ramp import ramp
@@ -146,14 +148,17 @@ def _set_hyper(group: dict[str, Any], key: str, value: float) -> None:
         group[key] = value
 
 
-class OptimizerScheduler:
+class OptimizerScheduler(LRScheduler):
     """Write a warmup-cosine learning rate and a cosine weight decay into an optimizer.
 
-    Same calling convention as ``torch.optim.lr_scheduler``: the constructor writes the
-    values of step 0 into every parameter group, and :meth:`step` is called once **after
-    each** ``optimizer.step()`` (once per optimizer step, not per micro-batch when
-    accumulating gradients); it advances the counter and writes the values of the next
-    step. Past ``total_steps`` the final values are kept.
+    A ``torch.optim.lr_scheduler.LRScheduler``, so it drops into code that expects one
+    (Lightning's ``configure_optimizers``, ``get_last_lr()``), with the same calling
+    convention: the constructor writes the values of step 0 into every parameter group,
+    and :meth:`step` is called once **after each** ``optimizer.step()`` (once per
+    optimizer step, not per micro-batch when accumulating gradients; Lightning:
+    ``"interval": "step"``); it advances the counter (``last_epoch``, also
+    :attr:`step_count`) and writes the values of the next step. Past ``total_steps`` the
+    final values are kept. Unlike torch's schedulers it also drives the weight decay.
 
     Per parameter group:
 
@@ -166,9 +171,12 @@ class OptimizerScheduler:
       The decision is stored in the group as ``"apply_wd"`` so that it travels with
       ``optimizer.state_dict()`` and is not re-guessed after a resume.
 
-    ``state_dict()`` holds the step counter; after ``load_state_dict()`` the scheduler
-    writes the values of the restored step into the optimizer, so a resumed run sees
-    exactly the learning rates and weight decays of the uninterrupted one.
+    ``state_dict()`` holds the step counter only (``{"step": n}``, as before it became an
+    ``LRScheduler``; the schedule itself comes from the constructor arguments, so a run
+    whose length was refitted keeps the refitted ``total_steps``); after
+    ``load_state_dict()`` the scheduler writes the values of the restored step into the
+    optimizer, so a resumed run sees exactly the learning rates and weight decays of the
+    uninterrupted one.
 
     Args:
         optimizer: The optimizer whose parameter groups are driven.
@@ -213,7 +221,6 @@ class OptimizerScheduler:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        self.optimizer = optimizer
         self.total_steps = check_int("total_steps", total_steps, min_value=1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, min_value=0)
         if self.warmup_steps > self.total_steps:
@@ -234,13 +241,13 @@ class OptimizerScheduler:
                     )
             else:
                 group["apply_wd"] = float(group.get("weight_decay", 0.0)) != 0.0
-        self._step = 0
-        self._apply()
+        # LRScheduler sets last_epoch = -1, then calls self.step() once: step 0's values.
+        super().__init__(optimizer, last_epoch=-1)
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps taken so far; the values in the optimizer are for this step."""
-        return self._step
+        """Optimizer steps taken so far (``last_epoch``); the optimizer holds this step's values."""
+        return self.last_epoch
 
     def lr_at(self, step: int) -> float:
         """Base learning rate (before ``lr_scale``) at optimizer step ``step``."""
@@ -269,22 +276,42 @@ class OptimizerScheduler:
             learning rate (before any ``lr_scale``) and the weight decay of decayed groups.
         """
         return {
-            "step": self._step,
-            "lr": self.lr_at(self._step),
-            "weight_decay": self.weight_decay_at(self._step),
+            "step": self.last_epoch,
+            "lr": self.lr_at(self.last_epoch),
+            "weight_decay": self.weight_decay_at(self.last_epoch),
         }
 
-    def step(self) -> None:
+    def get_lr(self) -> list[float]:
+        """Learning rate of every parameter group at the current step (``lr_scale`` applied).
+
+        Returns:
+            One float per parameter group. The values last written into the optimizer
+            are :meth:`get_last_lr`.
+        """
+        lr = self.lr_at(max(self.last_epoch, 0))
+        return [lr * float(group.get("lr_scale", 1.0)) for group in self.optimizer.param_groups]
+
+    def step(self, epoch: int | None = None) -> None:
         """Advance by one optimizer step and write that step's values into the optimizer.
 
         Call once after every ``optimizer.step()``.
+
+        Args:
+            epoch: Not supported (torch deprecated it); must be ``None``. To jump to a
+                step use ``load_state_dict({"step": n})``.
         """
-        self._step += 1
+        if epoch is not None:
+            raise TypeError(
+                f"epoch must be None (OptimizerScheduler.step() advances by one optimizer "
+                f"step; use load_state_dict({{'step': n}}) to jump), got {epoch!r}"
+            )
+        self._step_count = getattr(self, "_step_count", 0) + 1  # LRScheduler's bookkeeping
+        self.last_epoch += 1
         self._apply()
 
     def _apply(self) -> None:
-        lr = self.lr_at(self._step)
-        wd = self.weight_decay_at(self._step)
+        lr = self.lr_at(self.last_epoch)
+        wd = self.weight_decay_at(self.last_epoch)
         for group in self.optimizer.param_groups:
             _set_hyper(group, "lr", lr * float(group.get("lr_scale", 1.0)))
             if wd is not None:
@@ -293,10 +320,15 @@ class OptimizerScheduler:
                     "apply_wd", float(group.get("weight_decay", 0.0)) != 0.0
                 )
                 _set_hyper(group, "weight_decay", wd if apply_wd else 0.0)
+        # get_last_lr(): copies, as torch's schedulers return them.
+        self._last_lr = [
+            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            for g in self.optimizer.param_groups
+        ]
 
     def state_dict(self) -> dict[str, int]:
         """The step counter (the schedule itself comes from the constructor arguments)."""
-        return {"step": self._step}
+        return {"step": self.last_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the step counter and write that step's values into the optimizer.
@@ -309,12 +341,12 @@ class OptimizerScheduler:
         step = state_dict["step"]
         if isinstance(step, torch.Tensor) and step.numel() == 1:
             step = int(step.item())
-        self._step = check_int("state_dict['step']", step, min_value=0)
+        self.last_epoch = check_int("state_dict['step']", step, min_value=0)
         self._apply()
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(total_steps={self.total_steps}, "
             f"warmup_steps={self.warmup_steps}, lr={self.lr}, "
-            f"weight_decay={self.weight_decay}, step={self._step})"
+            f"weight_decay={self.weight_decay}, step={self.last_epoch})"
         )
