@@ -137,8 +137,9 @@ class Config:
     pred_dim: int = opt(96, "predictor width")
     pred_depth: int = opt(3, "predictor blocks")
     pred_heads: int = opt(3, "predictor attention heads")
-    predictor_mode: str = opt("per_block", "predictor layout: context once per target block (I-JEPA) or once "
-                              "per sample", ("per_block", "shared_context"))
+    predictor_mode: str = opt("shared_context", "predictor layout: context once per sample (1.2-1.3x faster "
+                              "runs, learns the same: benchmarks/RESULTS.md) or once per target block (I-JEPA)",
+                              ("shared_context", "per_block"))
     drop_path: float = opt(0.0, "stochastic depth of the context encoder")
     levels: int = opt(3, "hierarchy levels predicted")
     level_weights: tuple[float, ...] = opt((1.0, 0.7, 0.5), "latent loss weight per level")

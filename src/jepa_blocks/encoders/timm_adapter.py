@@ -42,11 +42,11 @@ from torch.utils.checkpoint import checkpoint
 from jepa_blocks._checks import (
     check_bool,
     check_finite,
-    check_index_range,
     check_int,
     check_tensor,
     match_dtype,
 )
+from jepa_blocks.encoders._keep import keep_indices
 from jepa_blocks.encoders.vit import EncoderOutput
 from jepa_blocks.layers.attention import attention_mask_from_valid
 from jepa_blocks.masking.indices import MaskIndices
@@ -288,13 +288,7 @@ class TimmTokenEncoder(nn.Module):
         # 2. Keep: gather the patch tokens (after their positions), prefix tokens always stay.
         valid = None
         if keep is not None:
-            if isinstance(keep, MaskIndices):
-                ids, valid = keep.indices, keep.valid
-            else:
-                ids = check_tensor("keep", keep, ndim=2, kind="int")
-            if ids.ndim != 2 or ids.shape[0] != b:
-                raise ValueError(f"keep must have shape ({b}, K), got {tuple(ids.shape)}")
-            check_index_range("keep", ids, n, what=f"of the {grid[0]}x{grid[1]} patch grid")
+            ids, valid = keep_indices(keep, batch=b, grid=grid, module=self)
             patches = torch.gather(seq[:, num_prefix:], 1, ids.unsqueeze(-1).expand(-1, -1, d))
             seq = torch.cat([seq[:, :num_prefix], patches], dim=1)
         attn_mask = None

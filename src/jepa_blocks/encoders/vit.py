@@ -27,12 +27,12 @@ from jepa_blocks._checks import (
     check_finite,
     check_float,
     check_grid,
-    check_index_range,
     check_int,
     check_same_device,
     check_tensor,
     match_dtype,
 )
+from jepa_blocks.encoders._keep import keep_indices
 from jepa_blocks.grid import token_positions
 from jepa_blocks.layers import (
     PatchEmbed,
@@ -281,14 +281,7 @@ class ViTEncoder(nn.Module):
         if keep is None:
             ids = torch.arange(n, device=tokens.device).expand(b, n)
         else:
-            if isinstance(keep, MaskIndices):
-                ids, valid = keep.indices, keep.valid
-            else:
-                ids = check_tensor("keep", keep, ndim=2, kind="int")
-            if ids.ndim != 2 or ids.shape[0] != b:
-                raise ValueError(f"keep must have shape ({b}, K), got {tuple(ids.shape)}")
-            check_same_device(("keep", ids), ("keep.valid", valid), module=self)
-            check_index_range("keep", ids, n, what=f"of the {h}x{w} patch grid")
+            ids, valid = keep_indices(keep, batch=b, grid=(h, w), module=self)
         if self.rope is None:
             pos = sincos_2d(token_positions(torch.arange(n, device=tokens.device), (h, w)), d)
             tokens = tokens + pos.to(tokens.dtype)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,18 +89,11 @@ def _inverse_column_norms(a: Tensor) -> Tensor:
     return sq.clamp_min(_NORM_EPS**2).rsqrt()
 
 
-def _unit_directions(
-    dim: int,
-    num_directions: int,
-    seed: int,
-    step: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """:func:`_cached_unit_directions` outside any ``torch.compile`` graph. The wrapper is
-    made at the first call: ``torch.compiler.disable`` imports ``torch._dynamo`` (about 340
-    modules), which ``import jepa_blocks`` must not pay for."""
-    return _compiler_disabled(_cached_unit_directions)(dim, num_directions, seed, step, device, dtype)
+def _unit_directions(*key: Any) -> tuple[Tensor, Tensor]:
+    """:func:`_cached_unit_directions` of ``key`` outside any ``torch.compile`` graph. The
+    wrapper is made at the first call: ``torch.compiler.disable`` imports ``torch._dynamo``
+    (about 340 modules), which ``import jepa_blocks`` must not pay for."""
+    return _compiler_disabled(_cached_unit_directions)(*key)
 
 
 @functools.cache
