@@ -37,12 +37,18 @@ from jepa_blocks.training import load_checkpoint, save_checkpoint
 SHARDED = ("encoder", "predictor", "target", "optimizer")  # entries saved as DCP tensors
 
 
-def shard_(module: nn.Module) -> nn.Module:
-    """FSDP2 in place: each ``TransformerBlock``, then the root (its remaining parameters)."""
+def shard_(module: nn.Module, *, per_block: bool = True) -> nn.Module:
+    """FSDP2 in place: each ``TransformerBlock`` (if ``per_block``), then the root (the rest).
+
+    ``per_block=False`` gathers the whole module at its forward: for a module that calls
+    its blocks' layers one by one instead of ``block(x)`` (the predictor's
+    ``shared_context`` layout), where per-block unshard hooks would never run.
+    """
     from torch.distributed.fsdp import fully_shard
 
-    for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
-        fully_shard(block)
+    if per_block:
+        for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
+            fully_shard(block)
     fully_shard(module)
     return module
 
@@ -59,7 +65,7 @@ def wrap_models(cfg, encoder: nn.Module, predictor: nn.Module, target: EMATarget
         if getattr(cfg, "resume_fallback", False):
             raise ValueError("--resume-fallback reads .pt checkpoints; --fsdp writes OUT/last.dcp: use one of them")
         shard_(encoder)
-        shard_(predictor)
+        shard_(predictor, per_block=getattr(predictor, "mode", "per_block") == "per_block")
         shard_(target.module)
         # A root run without backward (the target, always under no_grad) keeps its full
         # parameters after forward; reshard them so the EMA update sees the shards.
