@@ -99,16 +99,7 @@ def test_ddp_steps_equal_single_process_on_global_batch(reg, image_folder, tiny_
                                                        tmp_path):
     common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--reg", reg,
               "--reg-weight", "0.5", "--views", "2" if reg == "vicreg" else "1"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_gloo(_ddp_worker, load_example, [*common, "--out", str(ddp)], timeout=180.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the gloo workers: same reduction order inside matmuls
-    try:
-        load_example("train_hjepa").main([*common, "--out", str(single)])
-    finally:
-        torch.set_num_threads(threads)
-
-    a, b = load_checkpoint(single / "last.pt"), load_checkpoint(ddp / "last.pt")
+    a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
     assert a["step"] == b["step"] == 3
     # Same samples, augmentations and masks; only float summation order differs (padding
     # lengths of the per-rank mask lists, the gradient all-reduce). Losses and global
@@ -118,7 +109,6 @@ def test_ddp_steps_equal_single_process_on_global_batch(reg, image_folder, tiny_
     # (measured: 1.6e-4 on the final norm's bias with --reg sigreg, every other weight < 1e-5).
     for key in ("encoder", "predictor", "target"):
         _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=3e-4)
-    ra, rb = _records(single), _records(ddp)
     assert ra.keys() == rb.keys() == {1, 2, 3}
     for step in ra:
         for name in ("loss", "reg", "grad_norm", "level0", "level1"):
@@ -133,18 +123,9 @@ def test_ddp_local_crops_equal_single_process(image_folder, tiny_args, load_exam
     DDP, refused with several processes)."""
     common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--local-crops", "2",
               "--local-size", "12", "--local-levels", "2"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_gloo(_ddp_worker, load_example, [*common, "--out", str(ddp)], timeout=180.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        load_example("train_hjepa").main([*common, "--out", str(single)])
-    finally:
-        torch.set_num_threads(threads)
-    a, b = load_checkpoint(single / "last.pt"), load_checkpoint(ddp / "last.pt")
+    a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
     for key in ("encoder", "predictor", "target"):
         _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=1e-4)
-    ra, rb = _records(single), _records(ddp)
     for step in ra:
         for name in ("loss", "local", "grad_norm", "level0"):
             assert ra[step][name] == pytest.approx(rb[step][name], rel=1e-5, abs=1e-7), (step, name)
@@ -155,7 +136,7 @@ def _single_and_ddp(load_example, run_gloo, common, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_gloo(_ddp_worker, load_example, [*common, "--out", str(ddp)], timeout=240.0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as in the gloo workers: same reduction order inside matmuls
     try:
         load_example("train_hjepa").main([*common, "--out", str(single)])
     finally:
