@@ -209,6 +209,13 @@ class CodebookTerm(nn.Module):
         return {"vq_usage_window": self.vq.usage()}
 
 
+def check_local_size(cfg) -> None:
+    """``--local-size`` must be a multiple of ``--patch-size`` no larger than the image."""
+    if cfg.local_size % cfg.patch_size or not cfg.patch_size <= cfg.local_size <= cfg.img_size:
+        raise ValueError(f"--local-size must be a multiple of --patch-size {cfg.patch_size} in "
+                         f"[{cfg.patch_size}, {cfg.img_size}], got {cfg.local_size}")
+
+
 class LocalCrops(nn.Module):
     """``--local-crops N``: multi-crop JEPA. ``N`` small crops per image, each with its own
     multi-block masks, predicted by the same predictor on the crops' smaller grid.
@@ -219,9 +226,7 @@ class LocalCrops(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        if cfg.local_size % cfg.patch_size or not cfg.patch_size <= cfg.local_size <= cfg.img_size:
-            raise ValueError(f"--local-size must be a multiple of --patch-size {cfg.patch_size} in "
-                             f"[{cfg.patch_size}, {cfg.img_size}], got {cfg.local_size}")
+        check_local_size(cfg)
         if cfg.local_levels > cfg.levels:
             raise ValueError(f"--local-levels must be <= --levels {cfg.levels}, got {cfg.local_levels}")
         self.num, self.size, self.scale = cfg.local_crops, cfg.local_size, cfg.local_scale
@@ -265,9 +270,31 @@ class ViewInvariance(nn.Module):
         if cfg.views < 2:
             raise ValueError(f"--reg lejepa needs --views >= 2, got {cfg.views}")
         self.pool, self.weight = pool, cfg.reg_weight or 1.0
-        self.projector = MLPProjector(in_dim=cfg.embed_dim, hidden_dims=cfg.proj_dims[:-1], out_dim=cfg.proj_dims[-1],
-                                      distributed=distributed)
+        if tuple(cfg.proj_dims) == (0,):  # no projector: the term acts on the pooled features themselves
+            self.projector = nn.Identity()
+        elif min(cfg.proj_dims) < 1:
+            raise ValueError(f"--proj-dims must be positive widths, or the single value 0 (no projector), "
+                             f"got {tuple(cfg.proj_dims)}")
+        else:
+            self.projector = MLPProjector(in_dim=cfg.embed_dim, hidden_dims=cfg.proj_dims[:-1],
+                                          out_dim=cfg.proj_dims[-1], distributed=distributed)
         self.loss = LeJEPALoss(lam=cfg.lejepa_lambda, seed=cfg.seed, gather_distributed=distributed, auto_step=False)
+        self.local_views = cfg.lejepa_local_views
+        if self.local_views:
+            check_local_size(cfg)
+            self.local_size, self.local_scale, self.img_size = cfg.local_size, cfg.local_scale, cfg.img_size
+
+    def local_crops(self, batch: StepBatch) -> torch.Tensor:
+        """``--lejepa-local-views L`` small crops per image, ``(B, L, C, s, s)``: crop ``j``
+        is cut from augmented view ``j mod V``; the boxes are drawn for the global batch from
+        the step's seed, so any number of ranks sees what one process sees."""
+        b, v = batch.images.shape[:2]
+        boxes = sample_crop_boxes(batch.global_batch, image_size=self.img_size, num_crops=self.local_views,
+                                  scale=self.local_scale, generator=batch.generator(0x6C6A6C6F63))[batch.rows]
+        source = torch.arange(self.local_views) % v
+        crops = [crop_and_resize(batch.images[:, int(j)], boxes[:, i : i + 1].to(batch.images.device),
+                                 size=self.local_size) for i, j in enumerate(source)]
+        return torch.cat(crops, dim=1)
 
     def forward(self, batch: StepBatch) -> LossOutput:
         b, v = batch.images.shape[:2]
@@ -276,8 +303,15 @@ class ViewInvariance(nn.Module):
             with batch.autocast():
                 rest = batch.encoder(batch.images[:, batch.jepa_views:].flatten(0, 1)).tokens
             pooled += list(self.pool(rest).unflatten(0, (b, v - batch.jepa_views)).unbind(1))
-        z = self.projector(torch.cat(pooled)).unflatten(0, (v, b))  # (V, B, P)
-        out = self.loss(z, return_terms=True)
+        n_local = 0
+        if self.local_views:
+            crops = self.local_crops(batch)  # (B, L, C, s, s)
+            n_local = crops.shape[1]
+            with batch.autocast():
+                tokens = batch.encoder(crops.flatten(0, 1)).tokens
+            pooled += list(self.pool(tokens).unflatten(0, (b, n_local)).unbind(1))
+        z = self.projector(torch.cat(pooled)).unflatten(0, (v + n_local, b))  # (V + L, B, P)
+        out = self.loss(z[:v], local_views=z[v:] if n_local else None, return_terms=True)
         return LossOutput(self.weight * out.total, {"reg": out.total.detach(),
                                                     **{k: t.detach() for k, t in out.terms.items()}})
 

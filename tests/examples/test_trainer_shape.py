@@ -162,3 +162,58 @@ def test_sigreg_directions_advance_once_per_optimizer_step(reg, key, image_folde
     train.main([*tiny_args, *RUN, *views, "--data", str(image_folder), "--out", str(tmp_path), "--max-steps", "3",
                 "--accum-steps", "2", "--reg", reg])
     assert int(load_checkpoint(tmp_path / "last.pt")["terms"][key]) == 3
+
+
+def test_lejepa_term_without_projector_acts_on_the_pooled_features(load_example):
+    """``--proj-dims 0``: no projector, LeJEPA's view term on the pooled features themselves."""
+    import types
+
+    terms = load_example("terms")
+    cfg = types.SimpleNamespace(views=2, reg_weight=1.0, embed_dim=8, proj_dims=(0,), lejepa_lambda=0.05, seed=0,
+                                lejepa_local_views=0)
+    term = terms.ViewInvariance(cfg, terms.FeaturePool("mean", 8, 2), distributed=False)
+    assert isinstance(term.projector, torch.nn.Identity) and not list(term.parameters())
+    z = torch.randn(6, 8)
+    assert torch.equal(term.projector(z), z)
+    for bad in ((0, 64), (512, -1)):
+        with pytest.raises(ValueError, match="--proj-dims"):
+            terms.ViewInvariance(types.SimpleNamespace(**{**vars(cfg), "proj_dims": bad}),
+                                 terms.FeaturePool("mean", 8, 2), distributed=False)
+
+
+def test_lejepa_local_views_are_drawn_for_the_global_batch(load_example):
+    """``--lejepa-local-views L``: crop ``j`` comes from view ``j mod V``, and a micro-batch
+    holding rows 2:4 of a global batch of 4 gets exactly those rows' crops."""
+    import types
+
+    from jepa_blocks.masking.multicrop import crop_and_resize, sample_crop_boxes
+
+    terms = load_example("terms")
+    cfg = types.SimpleNamespace(views=2, reg_weight=1.0, embed_dim=8, proj_dims=(16, 8), lejepa_lambda=0.05, seed=0,
+                                lejepa_local_views=3, local_size=8, local_scale=(0.1, 0.5), img_size=16, patch_size=4)
+    term = terms.ViewInvariance(cfg, terms.FeaturePool("mean", 8, 2), distributed=False)
+    images = torch.randn(4, 2, 3, 16, 16)
+
+    def batch(rows):
+        return types.SimpleNamespace(images=images[rows], rows=rows, global_batch=4,
+                                     generator=lambda tag: torch.Generator().manual_seed(tag))
+
+    full = term.local_crops(batch(slice(0, 4)))
+    assert full.shape == (4, 3, 3, 8, 8)
+    assert torch.equal(term.local_crops(batch(slice(2, 4))), full[2:4])
+    boxes = sample_crop_boxes(4, image_size=16, num_crops=3, scale=(0.1, 0.5),
+                              generator=torch.Generator().manual_seed(0x6C6A6C6F63))
+    for j in range(3):
+        expected = crop_and_resize(images[:, j % 2], boxes[:, j : j + 1], size=8)[:, 0]
+        torch.testing.assert_close(full[:, j], expected)
+    with pytest.raises(ValueError, match="--local-size"):
+        terms.ViewInvariance(types.SimpleNamespace(**{**vars(cfg), "local_size": 6}),
+                             terms.FeaturePool("mean", 8, 2), distributed=False)
+
+
+def test_trainer_runs_the_lejepa_term_with_local_views(image_folder, tiny_args, load_example, tmp_path):
+    train = load_example("train_hjepa")
+    train.main([*tiny_args, *RUN, "--data", str(image_folder), "--out", str(tmp_path), "--max-steps", "2",
+                "--reg", "lejepa", "--views", "2", "--lejepa-local-views", "2", "--local-size", "8"])
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(r["invariance"] > 0 and r["sigreg"] > 0 for r in records if "loss" in r)
