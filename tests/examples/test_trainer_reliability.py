@@ -30,6 +30,9 @@ pytest.importorskip("torchvision")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RUN = ["--max-steps", "6", "--eval-every", "100", "--no-final-eval", "--monitor-every", "0"]
+# The former CIFAR preset's term: the DDP tests of other features pin it, since the LeJEPA
+# view term (the preset now) is not yet DDP-exact (test_ddp_lejepa_term_equals_single_process).
+FORMER_TERM = ["--reg", "vicreg", "--reg-weight", "0.05", "--color-jitter", "0", "--grayscale", "0"]
 
 
 def _records(run_dir) -> dict[int, dict]:
@@ -121,7 +124,7 @@ def test_ddp_local_crops_equal_single_process(image_folder, tiny_args, load_exam
     """Multi-crop JEPA under torchrun: the one predictor (grid at forward time) serves the
     global and the local crops, DDP-wrapped (was: a weight-tied second predictor outside
     DDP, refused with several processes)."""
-    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--local-crops", "2",
+    common = [*tiny_args, *RUN, *FORMER_TERM, "--data", str(image_folder), "--max-steps", "3", "--local-crops", "2",
               "--local-size", "12", "--local-levels", "2"]
     a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
     for key in ("encoder", "predictor", "target"):
@@ -174,7 +177,7 @@ def test_ddp_under_bf16_autocast_is_within_the_stated_tolerance(image_folder, ti
     so the ranks' sum differs from one process's full-batch bf16 sum by that rounding. The
     guide states the tolerance checked here: losses to 1e-4 and gradient norms to 5e-3
     relative, weights to 2e-3 after 3 steps at lr 1e-3."""
-    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "3", "--drop-path", "0.1",
+    common = [*tiny_args, *RUN, *FORMER_TERM, "--data", str(image_folder), "--max-steps", "3", "--drop-path", "0.1",
               "--amp", "bf16"]
     a, b, ra, rb = _single_and_ddp(load_example, run_gloo, common, tmp_path)
     for key in ("encoder", "predictor", "target"):
@@ -350,3 +353,16 @@ def test_optional_terms_train_log_and_resume_exactly(extra, image_folder, tiny_a
         assert 0.05 <= record["temperature"] <= 0.2
     if "--pool" in extra:
         assert not torch.equal(a["terms"]["pool.online.query_tokens"], a["terms"]["pool.ema.query_tokens"])  # EMA lags
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=True, reason="known bug: under 2 ranks the --reg lejepa term gives other weights "
+                   "(encoder 7e-5 to 8e-4 after one step, VICReg 3e-7) and a rank-local invariance log")
+def test_ddp_lejepa_term_equals_single_process(image_folder, tiny_args, load_example, run_gloo, tmp_path):
+    """The LeJEPA view term (the CIFAR preset) should give one process's steps on 2 ranks, as
+    every other term does. It does not yet: this test fails until it does (strict xfail)."""
+    common = [*tiny_args, *RUN, "--data", str(image_folder), "--max-steps", "2", "--reg", "lejepa", "--views", "2"]
+    a, b, _, _ = _single_and_ddp(load_example, run_gloo, common, tmp_path)
+    for key in ("encoder", "predictor", "target"):
+        _assert_states_equal(a[key], b[key], exact=False, rtol=0.0, atol=1e-5)
