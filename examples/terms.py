@@ -290,10 +290,10 @@ class ViewInvariance(nn.Module):
         the step's seed, so any number of ranks sees what one process sees."""
         b, v = batch.images.shape[:2]
         boxes = sample_crop_boxes(batch.global_batch, image_size=self.img_size, num_crops=self.local_views,
-                                  scale=self.local_scale, generator=batch.generator(0x6C6A6C6F63))[batch.rows]
-        source = torch.arange(self.local_views) % v
-        crops = [crop_and_resize(batch.images[:, int(j)], boxes[:, i : i + 1].to(batch.images.device),
-                                 size=self.local_size) for i, j in enumerate(source)]
+                                  scale=self.local_scale, generator=batch.generator(0x6C6A6C6F63))
+        boxes = boxes[batch.rows].to(batch.images.device)
+        crops = [crop_and_resize(batch.images[:, j % v], boxes[:, j : j + 1], size=self.local_size)
+                 for j in range(self.local_views)]
         return torch.cat(crops, dim=1)
 
     def forward(self, batch: StepBatch) -> LossOutput:

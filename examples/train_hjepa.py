@@ -35,7 +35,7 @@ one process with batch B (up to float summation order), with any --accum-steps a
 --drop-path. Both are tested.
 Not covered: time-budget runs, whose step count depends on the wall clock, and (a known bug,
 not yet fixed) the --reg lejepa term of the CIFAR preset, whose steps on several ranks differ
-from one process's by about 1e-4 in the weights after a step.
+from one process's by 7e-5 to 8e-4 in the weights after one step (docs/guides/training.md).
 
 Writes RUN/last.pt, RUN/best-*.pt (by validation kNN top-1), RUN/metrics.jsonl,
 RUN/config.json, RUN/eval.json and TensorBoard scalars under RUN/tb.

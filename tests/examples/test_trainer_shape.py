@@ -164,21 +164,26 @@ def test_sigreg_directions_advance_once_per_optimizer_step(reg, key, image_folde
     assert int(load_checkpoint(tmp_path / "last.pt")["terms"][key]) == 3
 
 
-def test_lejepa_term_without_projector_acts_on_the_pooled_features(load_example):
-    """``--proj-dims 0``: no projector, LeJEPA's view term on the pooled features themselves."""
+def _lejepa_term(terms, **overrides):
+    """A ``ViewInvariance`` (``--reg lejepa``) of width 8 built from the config fields it reads."""
     import types
 
+    cfg = dict(views=2, reg_weight=1.0, embed_dim=8, proj_dims=(16, 8), lejepa_lambda=0.05, seed=0,
+               lejepa_local_views=0)
+    return terms.ViewInvariance(types.SimpleNamespace(**{**cfg, **overrides}), terms.FeaturePool("mean", 8, 2),
+                                distributed=False)
+
+
+def test_lejepa_term_without_projector_acts_on_the_pooled_features(load_example):
+    """``--proj-dims 0``: no projector, LeJEPA's view term on the pooled features themselves."""
     terms = load_example("terms")
-    cfg = types.SimpleNamespace(views=2, reg_weight=1.0, embed_dim=8, proj_dims=(0,), lejepa_lambda=0.05, seed=0,
-                                lejepa_local_views=0)
-    term = terms.ViewInvariance(cfg, terms.FeaturePool("mean", 8, 2), distributed=False)
+    term = _lejepa_term(terms, proj_dims=(0,))
     assert isinstance(term.projector, torch.nn.Identity) and not list(term.parameters())
     z = torch.randn(6, 8)
     assert torch.equal(term.projector(z), z)
     for bad in ((0, 64), (512, -1)):
         with pytest.raises(ValueError, match="--proj-dims"):
-            terms.ViewInvariance(types.SimpleNamespace(**{**vars(cfg), "proj_dims": bad}),
-                                 terms.FeaturePool("mean", 8, 2), distributed=False)
+            _lejepa_term(terms, proj_dims=bad)
 
 
 def test_lejepa_local_views_are_drawn_for_the_global_batch(load_example):
@@ -189,9 +194,8 @@ def test_lejepa_local_views_are_drawn_for_the_global_batch(load_example):
     from jepa_blocks.masking.multicrop import crop_and_resize, sample_crop_boxes
 
     terms = load_example("terms")
-    cfg = types.SimpleNamespace(views=2, reg_weight=1.0, embed_dim=8, proj_dims=(16, 8), lejepa_lambda=0.05, seed=0,
-                                lejepa_local_views=3, local_size=8, local_scale=(0.1, 0.5), img_size=16, patch_size=4)
-    term = terms.ViewInvariance(cfg, terms.FeaturePool("mean", 8, 2), distributed=False)
+    local = dict(lejepa_local_views=3, local_size=8, local_scale=(0.1, 0.5), img_size=16, patch_size=4)
+    term = _lejepa_term(terms, **local)
     images = torch.randn(4, 2, 3, 16, 16)
 
     def batch(rows):
@@ -207,8 +211,7 @@ def test_lejepa_local_views_are_drawn_for_the_global_batch(load_example):
         expected = crop_and_resize(images[:, j % 2], boxes[:, j : j + 1], size=8)[:, 0]
         torch.testing.assert_close(full[:, j], expected)
     with pytest.raises(ValueError, match="--local-size"):
-        terms.ViewInvariance(types.SimpleNamespace(**{**vars(cfg), "local_size": 6}),
-                             terms.FeaturePool("mean", 8, 2), distributed=False)
+        _lejepa_term(terms, **{**local, "local_size": 6})
 
 
 def test_trainer_runs_the_lejepa_term_with_local_views(image_folder, tiny_args, load_example, tmp_path):
