@@ -32,10 +32,8 @@ Reproducibility: every random draw is a function of (seed, epoch, batch): the da
 row in the global batch, not by the rank). A run resumed from RUN/last.pt continues exactly
 as if it had never stopped, and W processes with the global batch B take the same steps as
 one process with batch B (up to float summation order), with any --accum-steps and
---drop-path. Both are tested.
-Not covered: time-budget runs, whose step count depends on the wall clock, and (a known bug,
-not yet fixed) the --reg lejepa term of the CIFAR preset, whose steps on several ranks differ
-from one process's by 7e-5 to 8e-4 in the weights after one step (docs/guides/training.md).
+--drop-path. Both are tested. Not covered: time-budget runs, whose step count depends on
+the wall clock.
 
 Writes RUN/last.pt, RUN/best-*.pt (by validation kNN top-1), RUN/metrics.jsonl,
 RUN/config.json, RUN/eval.json and TensorBoard scalars under RUN/tb.

@@ -1193,6 +1193,12 @@ CASES += [
         lambda v: lejepa_view_loss(torch.randn(2, 6, 4), sigreg=SIGRegLoss(num_directions=8), lam=v),
         bad_float(0.0, 1.0),
     ),
+    Case(
+        "lejepa_view_loss-gather_distributed",
+        "gather_distributed",
+        lambda v: lejepa_view_loss(torch.randn(2, 6, 4), sigreg=SIGRegLoss(num_directions=8), gather_distributed=v),
+        bad_bool(),
+    ),
 ]
 CASES += [
     Case(

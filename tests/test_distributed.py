@@ -27,11 +27,12 @@ from jepa_blocks.distributed import (
     unwrap_module,
     world_size,
 )
-from jepa_blocks.losses import SIGRegLoss, VICRegLoss
+from jepa_blocks.losses import LeJEPALoss, SIGRegLoss, VICRegLoss
 
 # By path: ``jepa_blocks.losses.sigreg`` as an attribute is the function, not the module.
 sigreg_module = importlib.import_module("jepa_blocks.losses.sigreg")
 vicreg_module = importlib.import_module("jepa_blocks.losses.vicreg")
+lejepa_module = importlib.import_module("jepa_blocks.losses.lejepa")
 
 F64 = torch.float64
 
@@ -159,6 +160,13 @@ def _sigreg_views_chunked(gather: bool):
     return SIGRegLoss(num_directions=16, seed=3, chunk=5, gather_distributed=gather)  # (V, N, D)
 
 
+def _lejepa_invariance(gather: bool):
+    # lam=0: the invariance alone (SIGReg has its own cases above). With unequal local
+    # batches a per-rank mean is wrong in value and in DDP's averaged gradients.
+    criterion = LeJEPALoss(lam=0.0, num_directions=16, seed=3, num_global_views=1, gather_distributed=gather)
+    return criterion  # (V, N, D) input: view 0 global, view 1 local
+
+
 def _gather_without_grad_sum(x: torch.Tensor) -> torch.Tensor:
     """Right values, but backward keeps only this rank's own gradient (lightly issue 1920)."""
     sizes = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size())]
@@ -177,6 +185,7 @@ def _all_reduce_without_grad_sum(x: torch.Tensor) -> torch.Tensor:
 _LOSS_CASES = {
     "vicreg": (2, _vicreg, (vicreg_module, "gather_with_grad", _gather_without_grad_sum)),
     "sigreg": (1, _sigreg, (sigreg_module, "all_reduce_with_grad", _all_reduce_without_grad_sum)),
+    "lejepa_invariance": (2, _lejepa_invariance, (lejepa_module, "all_reduce_with_grad", _all_reduce_without_grad_sum)),
     "sigreg_views_chunked": (
         2,
         _sigreg_views_chunked,

@@ -28,6 +28,19 @@ def test_matches_formula(v, g, lam):
     assert set(out.terms) == {"invariance", "sigreg"}
 
 
+def test_gather_distributed_without_group_is_plain():
+    """Without a process group the global-batch invariance is the plain mean (same value,
+    same gradients); the 2-rank case is in tests/test_distributed.py."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 10, 4, dtype=torch.float64, requires_grad=True)
+    loss_fn = SIGRegLoss(num_directions=8, seed=1).eval()
+    plain = lejepa_view_loss(z, sigreg=loss_fn, lam=0.3, num_global_views=2).total
+    (grad,) = torch.autograd.grad(plain, z)
+    gathered = lejepa_view_loss(z, sigreg=loss_fn, lam=0.3, num_global_views=2, gather_distributed=True).total
+    torch.testing.assert_close(gathered, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(gathered, z)[0], grad, rtol=1e-12, atol=1e-15)
+
+
 def test_sigreg_is_per_view_not_on_flattened_views():
     """stable-pretraining issue 413: SIGReg of all views flattened is a different number."""
     torch.manual_seed(0)

@@ -18,6 +18,13 @@ issue 413 reports; the tests re-derive the formula above independently.
 Local views (smaller crops) are projected to the same ``P`` and stacked after the global
 ones; their resolution does not matter here. All views of one step use the same SIGReg
 directions (one call of the :class:`~jepa_blocks.losses.SIGRegLoss`).
+
+Distributed (``gather_distributed=True``): the invariance is the mean over the global
+batch (its sum and count are all-reduced with gradients) and SIGReg the statistic of the
+global batch, so the value is the same on every rank and DDP's averaged gradients are
+those of one process on the concatenated batch, for any split of the rows over ranks
+(a per-rank mean would log one rank's value, and bias the gradients when ranks hold
+different numbers of rows).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from jepa_blocks._checks import check_finite, check_float, check_int, check_tensor
+from jepa_blocks._checks import check_bool, check_finite, check_float, check_int, check_tensor
+from jepa_blocks.distributed import all_reduce_with_grad
 from jepa_blocks.losses._aliases import accepts_aliases
 from jepa_blocks.losses.output import LossModule, LossOutput
 from jepa_blocks.losses.sigreg import SIGRegLoss, lejepa_loss
@@ -34,7 +42,12 @@ __all__ = ["LeJEPALoss", "lejepa_view_loss"]
 
 
 def lejepa_view_loss(
-    z: Tensor, *, sigreg: nn.Module, lam: float = 0.05, num_global_views: int | None = None
+    z: Tensor,
+    *,
+    sigreg: nn.Module,
+    lam: float = 0.05,
+    num_global_views: int | None = None,
+    gather_distributed: bool = False,
 ) -> LossOutput:
     """LeJEPA loss of projected views (formula in the module docstring).
 
@@ -45,6 +58,9 @@ def lejepa_view_loss(
             (a :class:`~jepa_blocks.losses.SIGRegLoss`).
         lam: SIGReg share in ``[0, 1]``.
         num_global_views: ``G`` in ``[1, V]``; ``None`` means every view is global.
+        gather_distributed: The invariance is the mean over the global batch across the
+            default process group (see the module docstring); give ``sigreg`` the same
+            setting.
 
     Returns:
         ``LossOutput(total, {"invariance": inv, "sigreg": sig})`` in float32 (float64 for
@@ -60,7 +76,11 @@ def lejepa_view_loss(
     lam = check_float("lam", lam, min_value=0.0, max_value=1.0)
     zf = z.double() if z.dtype == torch.float64 else z.float()
     centre = zf[:g].mean(0)
-    inv = (zf - centre).square().mean()
+    if check_bool("gather_distributed", gather_distributed):
+        count = all_reduce_with_grad(zf.new_tensor(float(zf.numel())))
+        inv = all_reduce_with_grad((zf - centre).square().sum()) / count
+    else:
+        inv = (zf - centre).square().mean()
     sig = sigreg(zf)
     return LossOutput(lejepa_loss(inv, sig, lam=lam), {"invariance": inv, "sigreg": sig})
 
@@ -89,7 +109,7 @@ class LeJEPALoss(LossModule):
         num_knots: SIGReg quadrature knots on ``[0, t_max]``.
         t_max: Upper end of SIGReg's frequency range.
         seed: Seed of SIGReg's direction sequence.
-        gather_distributed: SIGReg on the global batch across ranks.
+        gather_distributed: Invariance and SIGReg of the global batch across ranks.
         auto_step: Advance SIGReg's step after each training-mode forward; with
             ``False`` call ``loss.sigreg.advance()`` after each optimizer step (see
             :class:`SIGRegLoss`).
@@ -126,6 +146,7 @@ class LeJEPALoss(LossModule):
         self.lam = check_float("lam", lam, min_value=0.0, max_value=1.0)
         self.num_global_views = (None if num_global_views is None
                                  else check_int("num_global_views", num_global_views, min_value=1))
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.sigreg = SIGRegLoss(num_directions=num_directions, num_knots=num_knots, t_max=t_max, seed=seed,
                                  gather_distributed=gather_distributed, auto_step=auto_step)
 
@@ -161,7 +182,8 @@ class LeJEPALoss(LossModule):
             g = z.shape[0]
             dtype = torch.promote_types(z.dtype, local_views.dtype)
             z = torch.cat([z.to(dtype), local_views.to(dtype)])
-        out = lejepa_view_loss(z, sigreg=self.sigreg, lam=self.lam, num_global_views=g)
+        out = lejepa_view_loss(z, sigreg=self.sigreg, lam=self.lam, num_global_views=g,
+                               gather_distributed=self.gather_distributed)
         return self._output(out, return_terms)
 
     def extra_repr(self) -> str:
