@@ -2,7 +2,9 @@
 
 Also the predictor's two sequence layouts (``HierarchicalPredictor(mode=...)``), timed in one
 run with the same weights and masks: ``per_block`` (I-JEPA, the context once per target
-block) and ``shared_context`` (the context once per sample). Alone, from the repository root:
+block) and ``shared_context`` (the context once per sample), and ``shared_context`` on
+I-JEPA's truncated masks (``MultiBlockMasker(truncate=True)``, the trainer's
+``--mask-truncate``). Alone, from the repository root:
 
     python benchmarks/bench_train_step.py --threads 1 --reps 7     # CIFAR preset, bf16 autocast
 """
@@ -77,6 +79,7 @@ class TrainStep:
         *,
         compile: bool = False,
         predictor_mode: str = "per_block",
+        truncate: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.device = device
@@ -92,7 +95,7 @@ class TrainStep:
             num_levels=sizes.levels,
             mode=predictor_mode,
         ).to(device)
-        self.masker = MultiBlockMasker(grid_size=grid, levels=sizes.levels)
+        self.masker = MultiBlockMasker(grid_size=grid, levels=sizes.levels, truncate=truncate)
         self.target = EMATarget(self.encoder, total_steps=1_000_000)
         self.criterion = LatentPredictionLoss(level_weights=(1.0, 0.7, 0.5)[: sizes.levels])
         groups = param_groups_for_weight_decay(self.encoder, self.predictor, weight_decay=0.04)
@@ -156,8 +159,15 @@ class TrainStep:
 
 
 # Sequence layouts of HierarchicalPredictor compared by bench_predictor_modes; the first is
-# the baseline (today's default, I-JEPA).
+# the baseline (I-JEPA's layout).
 PREDICTOR_MODES = ("per_block", "shared_context")
+# Every step layout timed there, name -> (predictor mode, truncated masks): the two modes on
+# padded masks, and the trainer's default mode on I-JEPA's truncated masks (--mask-truncate).
+STEP_LAYOUTS = {
+    "per_block": ("per_block", False),
+    "shared_context": ("shared_context", False),
+    "shared_context_truncated": ("shared_context", True),
+}
 
 
 def bench_predictor_modes(
@@ -168,72 +178,80 @@ def bench_predictor_modes(
     warmup: int | None = None,
     reps: int | None = None,
 ) -> Results:
-    """Predictor and whole-step times of ``TrainStep`` in each ``PREDICTOR_MODES`` layout.
+    """Predictor and whole-step times of ``TrainStep`` in each of ``STEP_LAYOUTS``.
 
-    Both steps are built from the same seed (same weights, images and mask stream). Timed
-    calls alternate between the modes, so machine load hits both alike. The predictor is
-    timed on fixed inputs (one mask batch, context tokens from one encoder forward) under
-    bf16 autocast in training mode: forward alone, and forward + backward of a stand-in
-    loss (mean square of the predictions).
+    The steps are built from the same seed (same weights, images and mask stream; the
+    truncated layout cuts the same draws). Timed calls alternate between the layouts, so
+    machine load hits all alike. The predictor is timed on fixed inputs (one mask batch per
+    layout, context tokens from one encoder forward) under bf16 autocast in training mode:
+    forward alone, and forward + backward of a stand-in loss (mean square of the
+    predictions).
 
-    Keys, per mode ``m``: ``train_step.modes.{m}.{predictor_fwd_ms, predictor_fwd_bwd_ms,
-    step_ms, images_per_s}`` (medians) and ``train_step.modes.{m}.phase.{name}.ms``
-    (phases of the step, with extra syncs, separate steps); and the speed-ups of the second
-    mode over the first, ``train_step.modes.speedup.{predictor_fwd, predictor_fwd_bwd,
-    step}`` (ratios of the medians: > 1 is faster).
+    Keys, per layout ``m``: ``train_step.modes.{m}.{predictor_fwd_ms,
+    predictor_fwd_bwd_ms, step_ms, images_per_s}`` (medians) and
+    ``train_step.modes.{m}.phase.{name}.ms`` (phases of the step, with extra syncs, separate
+    steps); the speed-ups of ``shared_context`` over ``per_block``,
+    ``train_step.modes.speedup.{predictor_fwd, predictor_fwd_bwd, step}``, and of the
+    truncated masks over the padded ones (both ``shared_context``),
+    ``train_step.modes.speedup_truncated.{...}`` (ratios of the medians: > 1 is faster).
     """
     warmup = sizes.step_warmup if warmup is None else warmup
     reps = sizes.step_reps if reps is None else reps
     out: Results = {}
     with num_threads(threads):
-        steps = {mode: TrainStep(sizes, device, predictor_mode=mode) for mode in PREDICTOR_MODES}
+        steps = {name: TrainStep(sizes, device, predictor_mode=mode, truncate=truncate)
+                 for name, (mode, truncate) in STEP_LAYOUTS.items()}
         base = steps[PREDICTOR_MODES[0]]
-        masks = base.masker(sizes.batch, generator=torch.Generator(device=device).manual_seed(1))
-        with torch.no_grad(), bf16_autocast(device):
-            tokens = base.encoder(base.images, keep=masks.context).tokens
+        inputs = {}
+        for name, step in steps.items():
+            masks = step.masker(sizes.batch, generator=torch.Generator(device=device).manual_seed(1))
+            with torch.no_grad(), bf16_autocast(device):
+                inputs[name] = (base.encoder(base.images, keep=masks.context).tokens, masks)
 
-        def predictor_fwd(step: TrainStep) -> list[torch.Tensor]:
+        def predictor_fwd(layout: str) -> list[torch.Tensor]:
+            tokens, masks = inputs[layout]
             with bf16_autocast(device):
-                return step.predictor(tokens, context_indices=masks.context, targets=masks.targets)
+                return steps[layout].predictor(tokens, context_indices=masks.context, targets=masks.targets)
 
-        def predictor_fwd_bwd(step: TrainStep) -> None:
-            sum(p.float().square().mean() for p in predictor_fwd(step)).backward()
-            step.predictor.zero_grad(set_to_none=True)
+        def predictor_fwd_bwd(layout: str) -> None:
+            sum(p.float().square().mean() for p in predictor_fwd(layout)).backward()
+            steps[layout].predictor.zero_grad(set_to_none=True)
 
-        calls: dict[str, Callable[[TrainStep], object]] = {
+        calls: dict[str, Callable[[str], object]] = {
             "predictor_fwd_ms": predictor_fwd,
             "predictor_fwd_bwd_ms": predictor_fwd_bwd,
-            "step_ms": lambda step: step(),
+            "step_ms": lambda layout: steps[layout](),
         }
         for name, fn in calls.items():
-            times: dict[str, list[float]] = {mode: [] for mode in PREDICTOR_MODES}
+            times: dict[str, list[float]] = {layout: [] for layout in STEP_LAYOUTS}
             for _ in range(warmup):
-                for mode in PREDICTOR_MODES:
-                    fn(steps[mode])
+                for layout in STEP_LAYOUTS:
+                    fn(layout)
             for _ in range(max(reps, 1)):
-                for mode in PREDICTOR_MODES:
+                for layout in STEP_LAYOUTS:
                     sync(device)
                     start = time.perf_counter()
-                    fn(steps[mode])
+                    fn(layout)
                     sync(device)
-                    times[mode].append(time.perf_counter() - start)
-            for mode in PREDICTOR_MODES:
-                out[f"train_step.modes.{mode}.{name}"] = median_ms(times[mode])
-        phases: dict[str, dict[str, list[float]]] = {mode: {} for mode in PREDICTOR_MODES}
+                    times[layout].append(time.perf_counter() - start)
+            for layout in STEP_LAYOUTS:
+                out[f"train_step.modes.{layout}.{name}"] = median_ms(times[layout])
+        phases: dict[str, dict[str, list[float]]] = {layout: {} for layout in STEP_LAYOUTS}
         for _ in range(max(2, reps // 2)):
-            for mode in PREDICTOR_MODES:
-                steps[mode](phases[mode])
-    for mode in PREDICTOR_MODES:
-        out[f"train_step.modes.{mode}.images_per_s"] = (
-            1e3 * sizes.batch / out[f"train_step.modes.{mode}.step_ms"]
+            for layout in STEP_LAYOUTS:
+                steps[layout](phases[layout])
+    for layout in STEP_LAYOUTS:
+        out[f"train_step.modes.{layout}.images_per_s"] = (
+            1e3 * sizes.batch / out[f"train_step.modes.{layout}.step_ms"]
         )
         for phase in PHASES:
-            out[f"train_step.modes.{mode}.phase.{phase}.ms"] = median_ms(phases[mode][phase])
-    old, new = PREDICTOR_MODES
-    for what in ("predictor_fwd", "predictor_fwd_bwd", "step"):
-        out[f"train_step.modes.speedup.{what}"] = (
-            out[f"train_step.modes.{old}.{what}_ms"] / out[f"train_step.modes.{new}.{what}_ms"]
-        )
+            out[f"train_step.modes.{layout}.phase.{phase}.ms"] = median_ms(phases[layout][phase])
+    for key, (old, new) in (("speedup", PREDICTOR_MODES), ("speedup_truncated", ("shared_context",
+                                                                              "shared_context_truncated"))):
+        for what in ("predictor_fwd", "predictor_fwd_bwd", "step"):
+            out[f"train_step.modes.{key}.{what}"] = (
+                out[f"train_step.modes.{old}.{what}_ms"] / out[f"train_step.modes.{new}.{what}_ms"]
+            )
     return out
 
 
@@ -241,25 +259,27 @@ def format_predictor_modes(r: Results, sizes: Sizes) -> list[str]:
     """Lines of a small table of :func:`bench_predictor_modes`' results."""
     lines = [
         f"  predictor layouts, H-JEPA step at batch {sizes.batch}, {sizes.levels} levels, bf16 autocast "
-        "(ms, medians; same weights and masks, calls alternated)",
-        f"    {'mode':<16}{'pred fwd':>10}{'pred f+b':>10}{'step':>10}{'images/s':>10}",
+        "(ms, medians; same weights and mask draws, calls alternated)",
+        f"    {'layout':<26}{'pred fwd':>10}{'pred f+b':>10}{'step':>10}{'images/s':>10}",
     ]
-    for mode in PREDICTOR_MODES:
-        k = f"train_step.modes.{mode}"
+    for layout in STEP_LAYOUTS:
+        k = f"train_step.modes.{layout}"
         lines.append(
-            f"    {mode:<16}{r[k + '.predictor_fwd_ms']:>10.1f}{r[k + '.predictor_fwd_bwd_ms']:>10.1f}"
+            f"    {layout:<26}{r[k + '.predictor_fwd_ms']:>10.1f}{r[k + '.predictor_fwd_bwd_ms']:>10.1f}"
             f"{r[k + '.step_ms']:>10.1f}{r[k + '.images_per_s']:>10.1f}"
         )
-    sp = "train_step.modes.speedup"
-    lines.append(
-        f"    {PREDICTOR_MODES[1]} / {PREDICTOR_MODES[0]} speed-up: predictor fwd "
-        f"x{r[sp + '.predictor_fwd']:.2f}, fwd+bwd x{r[sp + '.predictor_fwd_bwd']:.2f}, "
-        f"step x{r[sp + '.step']:.2f} (images/s)"
-    )
-    for mode in PREDICTOR_MODES:
+    for key, label in (("speedup", f"{PREDICTOR_MODES[1]} / {PREDICTOR_MODES[0]}"),
+                       ("speedup_truncated", "truncated / padded masks (shared_context)")):
+        sp = f"train_step.modes.{key}"
         lines.append(
-            f"    phases of {mode} (ms): "
-            + ", ".join(f"{p} {r[f'train_step.modes.{mode}.phase.{p}.ms']:.1f}" for p in PHASES)
+            f"    {label} speed-up: predictor fwd "
+            f"x{r[sp + '.predictor_fwd']:.2f}, fwd+bwd x{r[sp + '.predictor_fwd_bwd']:.2f}, "
+            f"step x{r[sp + '.step']:.2f} (images/s)"
+        )
+    for layout in STEP_LAYOUTS:
+        lines.append(
+            f"    phases of {layout} (ms): "
+            + ", ".join(f"{p} {r[f'train_step.modes.{layout}.phase.{p}.ms']:.1f}" for p in PHASES)
         )
     return lines
 

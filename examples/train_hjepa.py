@@ -147,6 +147,8 @@ class Config:
     num_targets: int = opt(4, "target blocks per level")
     target_scale: tuple[float, float] = opt((0.15, 0.2), "area fraction of a target block")
     context_scale: tuple[float, float] = opt((0.85, 1.0), "area fraction of the context block")
+    mask_truncate: bool = opt(False, "cut every sample's context and target lists to the batch's smallest (I-JEPA): "
+                              "no padding, fewer tokens")
     # data and views
     views: int = opt(1, "augmented views per image (the extra terms use the others)")
     jepa_views: int = opt(1, "views that get the masked latent prediction (<= --views)")
@@ -252,7 +254,7 @@ def build_models(cfg: Config, device: torch.device):
                                       mode=cfg.predictor_mode,
                                       pos_embed=cfg.pos_embed).to(device)
     masker = MultiBlockMasker(grid_size=grid, num_targets=cfg.num_targets, target_scale=cfg.target_scale,
-                              context_scale=cfg.context_scale, levels=cfg.levels)
+                              context_scale=cfg.context_scale, levels=cfg.levels, truncate=cfg.mask_truncate)
     return encoder, predictor, masker
 
 

@@ -181,7 +181,8 @@ def test_predictor_modes_keys_ratios_report_and_command_line(tmp_path, capsys):
     res = step_module.bench_predictor_modes(TINY, CPU, threads=1, warmup=0, reps=1)
     old, new = step_module.PREDICTOR_MODES
     assert (old, new) == ("per_block", "shared_context")
-    for mode in (old, new):
+    assert list(step_module.STEP_LAYOUTS) == [old, new, "shared_context_truncated"]
+    for mode in step_module.STEP_LAYOUTS:
         for what in ("predictor_fwd_ms", "predictor_fwd_bwd_ms", "step_ms", "images_per_s"):
             _positive(res, f"train_step.modes.{mode}.{what}")
         for phase in run.PHASES:
@@ -193,8 +194,15 @@ def test_predictor_modes_keys_ratios_report_and_command_line(tmp_path, capsys):
         assert res[f"train_step.modes.speedup.{what}"] == pytest.approx(
             res[f"train_step.modes.{old}.{what}_ms"] / res[f"train_step.modes.{new}.{what}_ms"]
         )
+        assert res[f"train_step.modes.speedup_truncated.{what}"] == pytest.approx(
+            res[f"train_step.modes.{new}.{what}_ms"] / res[f"train_step.modes.shared_context_truncated.{what}_ms"]
+        )
     text = "\n".join(step_module.format_predictor_modes(res, TINY))
     assert "shared_context / per_block speed-up" in text and "phases of per_block" in text
+    assert "truncated / padded masks" in text and "phases of shared_context_truncated" in text
+    truncated = step_module.TrainStep(TINY, CPU, predictor_mode="shared_context", truncate=True)
+    masks = truncated.masker(TINY.batch, generator=torch.Generator().manual_seed(0))
+    assert all(bool(m.valid.all()) for m in (masks.context, *masks.targets))  # nothing padded
     out = tmp_path / "modes.json"
     step_module.main(["--preset", "tiny", "--threads", "1", "--warmup", "0", "--reps", "1", "--json", str(out)])
     assert "speed-up" in capsys.readouterr().out

@@ -220,3 +220,17 @@ def test_trainer_runs_the_lejepa_term_with_local_views(image_folder, tiny_args, 
                 "--reg", "lejepa", "--views", "2", "--lejepa-local-views", "2", "--local-size", "8"])
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["invariance"] > 0 and r["sigreg"] > 0 for r in records if "loss" in r)
+
+
+def test_mask_truncate_gives_unpadded_masks_and_trains(image_folder, tiny_args, load_example, tmp_path):
+    """``--mask-truncate``: I-JEPA's masks, every list cut to the batch's smallest (no padding)."""
+    train = load_example("train_hjepa")
+    for flag, truncated in (([], False), (["--mask-truncate"], True)):
+        cfg = train.parse_config([*tiny_args, *flag])
+        _, _, masker = train.build_models(cfg, torch.device("cpu"))
+        masks = masker(16, generator=torch.Generator().manual_seed(0))
+        lists = [masks.context, *masks.targets]
+        assert all(bool(m.valid.all()) for m in lists) == truncated
+    train.main([*tiny_args, *RUN, "--data", str(image_folder), "--out", str(tmp_path), "--max-steps", "2",
+                "--mask-truncate"])
+    assert json.load(open(tmp_path / "config.json"))["mask_truncate"] is True
