@@ -168,6 +168,11 @@ STEP_LAYOUTS = {
     "shared_context": ("shared_context", False),
     "shared_context_truncated": ("shared_context", True),
 }
+# Speed-ups reported, key -> (baseline layout, faster layout, label).
+SPEEDUPS = {
+    "speedup": (*PREDICTOR_MODES, f"{PREDICTOR_MODES[1]} / {PREDICTOR_MODES[0]}"),
+    "speedup_truncated": ("shared_context", "shared_context_truncated", "truncated / padded masks (shared_context)"),
+}
 
 
 def bench_predictor_modes(
@@ -246,8 +251,7 @@ def bench_predictor_modes(
         )
         for phase in PHASES:
             out[f"train_step.modes.{layout}.phase.{phase}.ms"] = median_ms(phases[layout][phase])
-    for key, (old, new) in (("speedup", PREDICTOR_MODES), ("speedup_truncated", ("shared_context",
-                                                                              "shared_context_truncated"))):
+    for key, (old, new, _) in SPEEDUPS.items():
         for what in ("predictor_fwd", "predictor_fwd_bwd", "step"):
             out[f"train_step.modes.{key}.{what}"] = (
                 out[f"train_step.modes.{old}.{what}_ms"] / out[f"train_step.modes.{new}.{what}_ms"]
@@ -268,8 +272,7 @@ def format_predictor_modes(r: Results, sizes: Sizes) -> list[str]:
             f"    {layout:<26}{r[k + '.predictor_fwd_ms']:>10.1f}{r[k + '.predictor_fwd_bwd_ms']:>10.1f}"
             f"{r[k + '.step_ms']:>10.1f}{r[k + '.images_per_s']:>10.1f}"
         )
-    for key, label in (("speedup", f"{PREDICTOR_MODES[1]} / {PREDICTOR_MODES[0]}"),
-                       ("speedup_truncated", "truncated / padded masks (shared_context)")):
+    for key, (_, _, label) in SPEEDUPS.items():
         sp = f"train_step.modes.{key}"
         lines.append(
             f"    {label} speed-up: predictor fwd "

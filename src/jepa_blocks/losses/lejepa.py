@@ -146,7 +146,6 @@ class LeJEPALoss(LossModule):
         self.lam = check_float("lam", lam, min_value=0.0, max_value=1.0)
         self.num_global_views = (None if num_global_views is None
                                  else check_int("num_global_views", num_global_views, min_value=1))
-        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         self.sigreg = SIGRegLoss(num_directions=num_directions, num_knots=num_knots, t_max=t_max, seed=seed,
                                  gather_distributed=gather_distributed, auto_step=auto_step)
 
@@ -183,7 +182,7 @@ class LeJEPALoss(LossModule):
             dtype = torch.promote_types(z.dtype, local_views.dtype)
             z = torch.cat([z.to(dtype), local_views.to(dtype)])
         out = lejepa_view_loss(z, sigreg=self.sigreg, lam=self.lam, num_global_views=g,
-                               gather_distributed=self.gather_distributed)
+                               gather_distributed=self.sigreg.gather_distributed)
         return self._output(out, return_terms)
 
     def extra_repr(self) -> str:
